@@ -1,0 +1,183 @@
+"""The one typed config tree: defaults here, YAML on top, `key.sub=value` overrides last.
+
+Every field's default and meaning lives in this file; the README's config reference is generated
+from it (`python -m spin_ray.config`). Validation runs before Ray or any engine starts, and every
+error names the dotted key to fix.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, worded so the user knows which key to change."""
+
+
+class Section(BaseModel):
+    # extra="forbid" turns a typo such as `train.lr_rate` into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field("toy", description="HF model dir or hub id; `toy` builds the embedded toy world.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype for engines and training."
+    )
+
+
+class DataConfig(Section):
+    train_path: str | None = Field(
+        None, description="SFT data: JSONL, Parquet, or a `datasets` dir. None with model.path=toy."
+    )
+    eval_path: str | None = Field(None, description="Held-out SFT data, same format (optional).")
+    max_prompt_tokens: int = Field(512, gt=0, description="Longest prompt, in tokens, after the chat template.")
+    max_response_tokens: int = Field(512, gt=0, description="Real responses are cut to this many tokens.")
+    long_prompts: Literal["error", "skip"] = Field(
+        "error", description="What to do with prompts over max_prompt_tokens."
+    )
+    max_examples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
+
+
+class GenerationConfig(Section):
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature for y' (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for y'.")
+    max_tokens: int = Field(256, gt=0, description="Most new tokens per generated response.")
+    num_engines: int = Field(1, gt=0, description="Long-lived vLLM engine actors.")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine (ignored on CPU).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per engine actor; 0 runs vLLM on CPU.")
+    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs per engine actor.")
+    resource: str | None = Field(
+        None, description="Custom Ray resource each engine asks 1 of, to land on generation nodes."
+    )
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per engine in GiB (CPU).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM GPU memory share.")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM max model length (default: prompt+max_tokens).")
+    enforce_eager: bool = Field(True, description="Skip graph capture/compile (start-up cost, no gain on CPU).")
+    batch_size: int = Field(64, gt=0, description="Prompts per request to an engine.")
+    max_in_flight: int = Field(2, gt=0, description="Requests in flight per engine.")
+    start_timeout_s: float = Field(900, gt=0, description="Fail if engines are not up by then (resources).")
+
+
+class SpinConfig(Section):
+    iterations: int = Field(3, gt=0, description="SPIN iterations.")
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the SPIN loss.")
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = Field("sigmoid", description="SPIN loss.")
+    mix_previous: int = Field(1, ge=0, description="Earlier iterations whose pairs are mixed in (paper: 1).")
+    reference: Literal["model", "engines"] = Field(
+        "model",
+        description="Reference log-probs from a frozen copy of p_t in the trainer, or scored by the engines.",
+    )
+
+
+class TrainConfig(Section):
+    lr: float = Field(5e-7, gt=0, description="Peak learning rate.")
+    epochs: int = Field(1, gt=0, description="Epochs over each iteration's pairs.")
+    batch_size: int = Field(8, gt=0, description="Pairs per worker per step (micro batch).")
+    grad_accum: int = Field(1, gt=0, description="Micro batches per optimizer step.")
+    optimizer: Literal["adamw", "rmsprop"] = Field("rmsprop", description="Official SPIN uses RMSprop.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warmup share of each iteration's steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on GPU clusters).")
+    use_gpu: bool = Field(False, description="Train on GPUs.")
+    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per training worker.")
+    resource: str | None = Field(None, description="Custom Ray resource each worker asks 1 of.")
+    log_every: int = Field(10, gt=0, description="Steps between training log lines.")
+
+
+class SyncConfig(Section):
+    method: Literal["object_store", "broadcast"] = Field("object_store", description="Weight transfer path.")
+    bucket_mb: int = Field(256, gt=0, description="Bucket size for the broadcast path.")
+
+
+class RunConfig(Section):
+    output_dir: str = Field("runs/spin", description="Where pairs, checkpoints and metrics go.")
+    seed: int = Field(0, description="Seeds data order, sampling and initialisation.")
+    ray_address: str | None = Field(None, description="Ray cluster to join; None starts a local one.")
+    wandb_project: str = Field("spin-ray", description="W&B project.")
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto = online when WANDB_API_KEY is set, else offline."
+    )
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    generation: GenerationConfig = GenerationConfig()
+    spin: SpinConfig = SpinConfig()
+    train: TrainConfig = TrainConfig()
+    sync: SyncConfig = SyncConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.model.path != "toy" and self.data.train_path is None:
+            raise ValueError("data.train_path is required unless model.path=toy")
+        if self.generation.num_gpus == 0 and self.generation.tensor_parallel_size > 1:
+            raise ValueError("generation.tensor_parallel_size > 1 needs generation.num_gpus > 0")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b=value` in a nested dict; the value is parsed as YAML (so 1e-5, true, null work)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- overrides, validated; raises ConfigError naming every bad key."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    for override in overrides:
+        apply_override(tree, override)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(config)"
+            given = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            problems.append(f"  {key}: {err['msg']}{given}")
+        raise ConfigError(f"invalid config ({source} + overrides):\n" + "\n".join(problems)) from None
+
+
+def reference_markdown() -> str:
+    """The config reference table for the README, generated so docs and defaults never drift."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section_name, section in Config.model_fields.items():
+        for name, field in section.annotation.model_fields.items():  # type: ignore[union-attr]
+            lines.append(f"| `{section_name}.{name}` | `{field.default!r}` | {field.description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown() + "\n")

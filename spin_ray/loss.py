@@ -1,0 +1,62 @@
+"""The SPIN loss (Chen et al. 2024, eq. 4.7) and the summed response log-probs it is made of."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over response tokens only: prompt and padding are masked out.
+
+    logits[:, i] predicts input_ids[:, i + 1], so the mask is shifted the same way. Summed, not
+    averaged, as in the paper: a longer response is a less likely one.
+    """
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    mask = response_mask[:, 1:]
+    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1)
+
+
+def spin_loss(
+    policy_real_logps: torch.Tensor,
+    policy_generated_logps: torch.Tensor,
+    ref_real_logps: torch.Tensor,
+    ref_generated_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair (losses, real_rewards, generated_rewards); rewards are beta * (policy - ref)."""
+    real_logratios = policy_real_logps - ref_real_logps
+    generated_logratios = policy_generated_logps - ref_generated_logps
+    logits = real_logratios - generated_logratios
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == "ipo":
+        # IPO (Azar et al. 2023) regresses the margin to 1/(2 beta) instead of pushing it to infinity.
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use sigmoid, hinge or ipo")
+    return losses, beta * real_logratios.detach(), beta * generated_logratios.detach()
+
+
+def spin_metrics(
+    losses: torch.Tensor,
+    real_rewards: torch.Tensor,
+    generated_rewards: torch.Tensor,
+    policy_real_logps: torch.Tensor,
+    policy_generated_logps: torch.Tensor,
+) -> dict[str, float]:
+    """The DPO-style metrics users compare across TRL, OpenRLHF and the official SPIN code."""
+    return {
+        "loss": losses.mean().item(),
+        "rewards/real": real_rewards.mean().item(),
+        "rewards/generated": generated_rewards.mean().item(),
+        "rewards/margins": (real_rewards - generated_rewards).mean().item(),
+        "rewards/accuracies": (real_rewards > generated_rewards).float().mean().item(),
+        "logps/real": policy_real_logps.detach().mean().item(),
+        "logps/generated": policy_generated_logps.detach().mean().item(),
+    }

@@ -1,0 +1,55 @@
+"""Metrics to `metrics.jsonl` (always) and W&B (one run per job; offline without an API key)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from spin_ray.config import Config
+
+
+class Tracker:
+    def __init__(self, cfg: Config, output_dir: Path):
+        self.path = output_dir / "metrics.jsonl"
+        self.run = None
+        mode = cfg.run.wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(
+                project=cfg.run.wandb_project,
+                dir=str(output_dir),
+                mode=mode,
+                config=cfg.model_dump(),
+                name=output_dir.name,
+                # resume="allow" + a stable id: a resumed job continues the same W&B run.
+                id=_run_id(output_dir),
+                resume="allow",
+                settings=wandb.Settings(console="off", silent=True),
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step} | metrics) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _run_id(output_dir: Path) -> str:
+    id_file = output_dir / "wandb_run_id"
+    if not id_file.exists():
+        id_file.write_text(uuid.uuid4().hex[:12])
+    return id_file.read_text().strip()
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,307 @@
+"""Ray Train + DeepSpeed SPIN trainer whose workers live across all iterations.
+
+One `TorchTrainer.fit()` per job, not per iteration (a fit costs ~36 s of start-up on CPU against
+seconds of training). The coordinator hands each iteration's data shards to the running workers
+through a small `Channel` actor and collects what they return: metrics and, from rank 0, the new
+weights. The policy a worker holds at the end of iteration t is p_{t+1}: it becomes the next
+reference in memory, without a reload from disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from spin_ray.config import Config
+from spin_ray.data import pad_pairs
+from spin_ray.loss import sequence_logps, spin_loss, spin_metrics
+
+
+@ray.remote(num_cpus=0)
+class Channel:
+    """Mailboxes between the coordinator and the long-lived train workers."""
+
+    def __init__(self, world_size: int):
+        self.tasks: list[asyncio.Queue] = [asyncio.Queue() for _ in range(world_size)]
+        self.results: asyncio.Queue = asyncio.Queue()
+        self.world_size = world_size
+
+    async def post(self, tasks: list[dict[str, Any]]) -> None:
+        for queue, task in zip(self.tasks, tasks, strict=True):
+            queue.put_nowait(task)
+
+    async def next_task(self, rank: int) -> dict[str, Any]:
+        return await self.tasks[rank].get()
+
+    async def reply(self, rank: int, result: dict[str, Any]) -> None:
+        self.results.put_nowait((rank, result))
+
+    async def collect(self) -> list[dict[str, Any]]:
+        replies = dict([await self.results.get() for _ in range(self.world_size)])
+        return [replies[r] for r in range(self.world_size)]
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            # 0: partition every parameter, however small, so ZeRO-3 gathers are always exercised.
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+
+
+def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
+    """Linear warmup then linear decay to 0, over one iteration's optimizer steps."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+class SpinWorker:
+    """The state one training rank keeps for the whole job: policy, reference, optimizer."""
+
+    def __init__(self, cfg: Config, model_path: str):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.cfg = cfg
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ds_config = deepspeed_config(cfg)
+        # Kept alive so from_pretrained loads straight into ZeRO-3 partitions (a 70B model never
+        # exists whole on one rank).
+        self._hf_ds = HfDeepSpeedConfig(ds_config) if cfg.train.zero_stage == 3 else None
+
+        policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if cfg.train.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        optimizer_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.RMSprop
+        optimizer = optimizer_cls(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_config)
+        self.reference = None
+        if cfg.spin.reference == "model":
+            reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+            reference.requires_grad_(False)
+            if cfg.train.zero_stage == 3:
+                self.reference = deepspeed.initialize(model=reference, config=ds_config)[0]
+            else:
+                dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+                self.reference = reference.to(device=self.engine.device, dtype=dtype[cfg.model.dtype])
+            self.reference.eval()
+
+    def _refresh_reference(self) -> None:
+        """reference := policy, in memory. Under ZeRO-3 both models are partitioned the same way,
+        so each rank copies only its own shard."""
+        for ref, pol in zip(self.reference.parameters(), self.engine.module.parameters(), strict=True):
+            if hasattr(pol, "ds_tensor"):
+                ref.ds_tensor.data.copy_(pol.ds_tensor.data)
+            else:
+                ref.data.copy_(pol.data)
+
+    def _logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+
+    def _reset_optimizer(self) -> None:
+        # Each SPIN iteration is a fresh fine-tuning run from p_t, as in the official recipe.
+        inner = self.optimizer
+        while hasattr(inner, "optimizer"):
+            inner = inner.optimizer
+        inner.state.clear()
+
+    def step_batch(self, rows: dict[str, Any]) -> dict[str, float]:
+        """One micro batch of pairs: real and generated in one forward pass."""
+        n = len(rows["prompt_ids"])
+        prompts = [list(p) for p in rows["prompt_ids"]] * 2
+        responses = [list(r) for r in rows["real_ids"]] + [list(g) for g in rows["generated_ids"]]
+        batch = {k: v.to(self.engine.device) for k, v in pad_pairs(prompts, responses, self.pad_id).items()}
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = self._logps(self.reference, batch)
+            ref_real, ref_generated = ref[:n], ref[n:]
+        else:
+            ref_real = torch.as_tensor(rows["ref_real_logps"], dtype=torch.float32, device=self.engine.device)
+            ref_generated = torch.as_tensor(rows["ref_generated_logps"], dtype=torch.float32, device=self.engine.device)
+        policy = self._logps(self.engine, batch)
+        losses, real_rewards, generated_rewards = spin_loss(
+            policy[:n], policy[n:], ref_real, ref_generated, self.cfg.spin.beta, self.cfg.spin.loss_type
+        )
+        self.engine.backward(losses.mean())
+        self.engine.step()
+        return spin_metrics(losses, real_rewards, generated_rewards, policy[:n], policy[n:])
+
+    def _mean_over_ranks(self, metrics: list[dict[str, float]]) -> dict[str, float]:
+        keys = sorted(metrics[0])
+        local = torch.tensor([[m[k] for k in keys] for m in metrics]).mean(0)
+        torch.distributed.all_reduce(local)
+        return dict(zip(keys, (local / self.world_size).tolist(), strict=True))
+
+    def train_iteration(self, iteration: int, shard: ray.data.Dataset, rows_per_rank: int) -> dict[str, Any]:
+        """Trains p_{t+1} from p_t on this rank's shard; returns the log lines (rank-averaged)."""
+        t = self.cfg.train
+        if self.reference is not None:
+            self._refresh_reference()
+        self._reset_optimizer()
+        micro_steps = math.ceil(rows_per_rank / t.batch_size) * t.epochs
+        total_steps = max(1, micro_steps // t.grad_accum)
+        start = time.perf_counter()
+        logs, window = [], []
+        micro = 0
+        for epoch in range(t.epochs):
+            for rows in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy"):
+                lr = lr_at(micro // t.grad_accum, total_steps, t.lr, t.warmup_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                window.append(self.step_batch(rows))
+                micro += 1
+                if micro % t.log_every == 0 or micro == micro_steps:
+                    line = {"iteration": iteration, "step": micro, "epoch": epoch, "lr": lr}
+                    line |= self._mean_over_ranks(window)
+                    window = []
+                    logs.append(line)
+                    if self.rank == 0:
+                        print(
+                            f"[train] iter {iteration} step {micro}/{micro_steps} loss {line['loss']:.4f} "
+                            f"acc {line['rewards/accuracies']:.3f} margin {line['rewards/margins']:.4f}",
+                            flush=True,
+                        )
+        return {"logs": logs, "seconds": time.perf_counter() - start, "steps": micro}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full HF-named weights on rank 0 (None elsewhere); every rank must call this."""
+        if self.cfg.train.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict()
+        return {k: v.detach().cpu() for k, v in state.items()} if self.rank == 0 else None
+
+    def export(self, iteration: int, model_dir: Path) -> dict[str, Any]:
+        """HF checkpoint (rank 0) + weights for the engines (object store) + DeepSpeed checkpoint
+        through Ray Train for resume."""
+        from spin_ray.sync import pack
+
+        state = self.full_state_dict()
+        result: dict[str, Any] = {}
+        if self.rank == 0:
+            tmp = model_dir.with_name(model_dir.name + ".tmp")
+            self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            tmp.rename(model_dir)  # atomic: a crash never leaves a half-written checkpoint behind
+            result["weights"] = ray.put(pack(state))
+        with tempfile.TemporaryDirectory() as ckpt:
+            self.engine.save_checkpoint(ckpt, tag=f"iter_{iteration}")
+            ray.train.report(
+                {"iteration": iteration},
+                checkpoint=ray.train.Checkpoint.from_directory(ckpt),
+                checkpoint_dir_name=f"iter_{iteration}",
+            )
+        return result
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """The train_loop_per_worker: wait for a task, do it, reply; until told to stop."""
+    cfg: Config = config["cfg"]
+    channel = config["channel"]
+    if not cfg.train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(max(1, int(cfg.train.num_cpus)))
+    rank = ray.train.get_context().get_world_rank()
+    worker = SpinWorker(cfg, config["model_path"])
+    ray.get(channel.reply.remote(rank, {"pid": os.getpid()}))
+    while True:
+        task = ray.get(channel.next_task.remote(rank))
+        if task["kind"] == "stop":
+            return
+        if task["kind"] == "train":
+            result = worker.train_iteration(task["iteration"], task["shard"], task["rows_per_rank"])
+        elif task["kind"] == "export":
+            result = worker.export(task["iteration"], Path(task["model_dir"]))
+        ray.get(channel.reply.remote(rank, result))
+
+
+class Trainer:
+    """Driver-side handle: starts the long-lived workers and sends them work."""
+
+    def __init__(self, cfg: Config, model_path: str):
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        self.cfg = cfg
+        n = cfg.train.num_workers
+        self.channel = Channel.remote(n)
+        resources = {"CPU": cfg.train.num_cpus} | ({cfg.train.resource: 1} if cfg.train.resource else {})
+        if cfg.train.use_gpu:
+            resources["GPU"] = 1
+        self._trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config={"cfg": cfg, "channel": self.channel, "model_path": model_path},
+            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=n, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(name="spin-train", storage_path=str(Path(cfg.run.output_dir).resolve() / "ray_train")),
+        )
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fit, daemon=True)
+        self._thread.start()
+        self.pids = [r["pid"] for r in self._collect()]
+
+    def _fit(self) -> None:
+        try:
+            self._trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - surfaced to the coordinator in _collect
+            self._error = e
+
+    def _collect(self) -> list[dict[str, Any]]:
+        """Waits for every rank's reply, failing fast if the training run died."""
+        ref = self.channel.collect.remote()
+        while not ray.wait([ref], timeout=2.0)[0]:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"training workers stopped: {self._error!r}") from self._error
+        return ray.get(ref)
+
+    def train(self, iteration: int, pairs: ray.data.Dataset) -> dict[str, Any]:
+        """One SPIN iteration of training on `pairs`; equal rows per rank, so equal steps."""
+        n = self.cfg.train.num_workers
+        total = pairs.count()
+        shards = pairs.split(n, equal=True)
+        rows_per_rank = total // n
+        if total % n:
+            print(f"[train] dropping {total % n} of {total} pairs so every rank runs the same steps")
+        self.channel.post.remote(
+            [{"kind": "train", "iteration": iteration, "shard": s, "rows_per_rank": rows_per_rank} for s in shards]
+        )
+        return self._collect()[0]
+
+    def export(self, iteration: int, model_dir: Path) -> ray.ObjectRef:
+        """Writes iteration's HF checkpoint; returns the object-store ref of the packed weights."""
+        self.channel.post.remote(
+            [{"kind": "export", "iteration": iteration, "model_dir": str(model_dir)}] * self.cfg.train.num_workers
+        )
+        return self._collect()[0]["weights"]
+
+    def stop(self) -> None:
+        self.channel.post.remote([{"kind": "stop"}] * self.cfg.train.num_workers)
+        self._thread.join(timeout=120)

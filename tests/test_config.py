@@ -1,0 +1,58 @@
+import pytest
+
+from spin_ray.config import Config, ConfigError, load_config, reference_markdown
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1.0e-6\n  zero_stage: 3\nspin:\n  loss_type: hinge\n")
+    cfg = load_config(path, ["train.lr=2e-7", "generation.num_engines=4", "data.eval_path=null", "run.seed=7"])
+    assert cfg.train.lr == 2e-7  # the override wins over the file
+    assert cfg.train.zero_stage == 3 and cfg.spin.loss_type == "hinge"
+    assert cfg.generation.num_engines == 4 and cfg.data.eval_path is None and cfg.run.seed == 7
+    assert cfg.spin.beta == 0.1 and cfg.spin.mix_previous == 1  # paper defaults
+    assert Config.model_validate(load_config(None).model_dump()) == Config()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.lr_rate=1e-5", "train.lr_rate"),  # unknown key
+        ("train.epochs=two", "train.epochs"),  # wrong type
+        ("train.zero_stage=4", "train.zero_stage"),  # impossible value
+        ("spin.beta=-1", "spin.beta"),
+        ("spin.loss_type=kto", "spin.loss_type"),
+        ("generation.top_p=1.5", "generation.top_p"),
+        ("bogus.key=1", "bogus"),
+        ("model.path=/some/model", "data.train_path"),  # a real model needs data
+    ],
+)
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert named in str(e.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lr=0", "train.batch_size=0", "spin.iterations=-1"])
+    assert all(k in str(e.value) for k in ("train.lr", "train.batch_size", "spin.iterations"))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_reference_lists_every_key():
+    table = reference_markdown()
+    for key in ("model.path", "model.dtype", "data.train_path", "data.eval_path", "data.max_prompt_tokens",
+                "generation.temperature", "generation.top_p", "generation.max_tokens", "generation.num_engines",
+                "spin.iterations", "spin.beta", "spin.loss_type", "spin.mix_previous", "train.lr", "train.epochs",
+                "train.batch_size", "train.zero_stage", "train.num_workers", "run.output_dir", "run.seed"):
+        assert f"`{key}`" in table

@@ -1,0 +1,125 @@
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spin_ray.data import DataError, encode, load_sft
+from spin_ray.toy import make_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def conv(q: str, a: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], **extra}
+
+
+def load(path, tok, **kw):
+    return load_sft(path, tok, max_prompt_tokens=kw.pop("max_prompt_tokens", 64), max_response_tokens=16, **kw)
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def test_prompt_response_split_and_uids(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "a", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+2="},
+                                 {"role": "assistant", "content": "3"}]},
+        conv("2+2=", "4"),
+    ])
+    first, second = load(path, tok)
+    assert first.uid == "a" and len(second.uid) == 16  # given id, else a content hash
+    assert [m["role"] for m in first.prompt_messages] == ["system", "user"] and first.real == "3"
+    # The generation prompt is exactly the prompt; the response carries the template's end of turn.
+    assert first.prompt == "<|bos|><|system|>be brief<|end|><|user|>1+2=<|end|><|assistant|>"
+    assert tok.decode(first.real_ids) == "3<|end|>" and first.real_ids[-1] == tok.eos_token_id
+    assert load(path, tok)[1].uid == second.uid  # stable across runs
+
+
+def test_every_bad_record_reported_with_line_and_field(tmp_path, tok):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        conv("1+1=", "2", id="ok"),
+        "{not json",
+        {"text": "no messages"},
+        {"messages": []},
+        {"messages": [{"role": "user", "content": "1+1="}]},
+        {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "2"}]},
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "2"}]},
+        {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": 2}]},
+        conv("3+3=", "6", id="ok"),
+        conv("x" * 100, "6"),
+    ])
+    t0 = time.perf_counter()
+    with pytest.raises(DataError) as e:
+        load(path, tok)
+    assert time.perf_counter() - t0 < 5
+    msg = str(e.value)
+    assert "9 problem(s)" in msg
+    for line, field in [(2, "invalid JSON"), (3, "`messages` is missing"), (4, "non-empty list"),
+                        (5, "messages[0].role must be 'assistant'"), (6, "messages[0].role is 'robot'"),
+                        (7, "messages[0].content"), (8, "messages[1].content"), (9, "duplicates"),
+                        (10, "data.max_prompt_tokens=64")]:
+        assert f"bad.jsonl:{line}: " in msg and field in msg.split(f"bad.jsonl:{line}: ")[1].split("\n")[0]
+
+
+def test_long_prompts_skip_policy(tmp_path, tok, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [conv("1+1=", "2"), conv("x" * 100, "6")])
+    assert len(load(path, tok, long_prompts="skip")) == 1
+    assert "skipped 1 of 2" in capsys.readouterr().out
+
+
+def test_empty_and_missing_files(tmp_path, tok):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty.jsonl: file is empty"):
+        load(tmp_path / "empty.jsonl", tok)
+    with pytest.raises(DataError, match="nope.jsonl: file does not exist"):
+        load(tmp_path / "nope.jsonl", tok)
+
+
+def test_parquet_and_datasets_dir(tmp_path, tok):
+    rows = [conv(f"{i}+1=", str(i + 1), id=f"r{i}") for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    from_parquet = load(tmp_path / "d.parquet", tok)
+    from_disk = load(tmp_path / "ds", tok)
+    assert [e.uid for e in from_parquet] == [e.uid for e in from_disk] == [f"r{i}" for i in range(5)]
+    bad = [conv("1+1=", "2"), {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"}]}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet:row 1: messages\[1\].role must be 'assistant'"):
+        load(tmp_path / "bad.parquet", tok)
+
+
+def test_encode_falls_back_when_template_is_not_prefix(tok):
+    prompt, response = encode(tok, [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}])
+    assert tok.decode(prompt).endswith("<|assistant|>") and tok.decode(response) == "2<|end|>"
+
+
+def test_job_rejects_bad_data_before_ray(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [conv("1+1=", "2"), {"messages": "oops"}])
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "spin.py"), f"data.train_path={path}", f"run.output_dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{path}:2: field `messages` must be a non-empty list" in proc.stderr
+    assert "ray.init" not in proc.stdout + proc.stderr and not (tmp_path / "run").exists()
+    assert time.perf_counter() - t0 < 120
+
+
+def test_job_rejects_bad_config_before_ray(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "spin.py"), "train.zero_stage=5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train.zero_stage" in proc.stderr

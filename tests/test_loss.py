@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spin_ray.data import pad_pairs
+from spin_ray.loss import sequence_logps, spin_loss
+
+
+def official(pi_real, pi_gen, ref_real, ref_gen, beta, loss_type):
+    """The formulas of the official SPIN trainer (spin/alignment/trainer.py, spin_loss)."""
+    pi_logratios = pi_real - pi_gen
+    ref_logratios = ref_real - ref_gen
+    logits = pi_logratios - ref_logratios
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:  # IPO as in TRL's DPOTrainer
+        losses = (logits - 1 / (2 * beta)) ** 2
+    return losses, beta * (pi_real - ref_real), beta * (pi_gen - ref_gen)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("beta", [0.1, 5.0])
+def test_matches_official_formulas(loss_type, beta):
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(64, generator=g, dtype=torch.float64) * 20 - 50 for _ in range(4)]
+    ours = spin_loss(*inputs, beta=beta, loss_type=loss_type)
+    theirs = official(*inputs, beta, loss_type)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_log2_when_policy_is_reference():
+    logps = torch.tensor([-12.5, -3.0, -40.0])
+    gen = torch.tensor([-7.0, -9.0, -1.0])
+    losses, real_r, gen_r = spin_loss(logps, gen, logps, gen, beta=0.1)
+    torch.testing.assert_close(losses, torch.full((3,), math.log(2)))
+    assert real_r.abs().max() == 0 and gen_r.abs().max() == 0
+
+
+def test_unknown_loss_type():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="loss_type"):
+        spin_loss(x, x, x, x, beta=0.1, loss_type="kto")
+
+
+def test_sequence_logps_masks_prompt_and_padding():
+    prompts = [[5, 6, 7], [5]]
+    responses = [[8, 9], [10, 11, 12, 13, 14]]
+    batch = pad_pairs(prompts, responses, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0], [5, 10, 11, 12, 13, 14]]
+    assert batch["response_mask"].int().tolist() == [[0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 20, generator=g)
+    got = sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+    logp = logits.log_softmax(-1)
+    # Token at position i is predicted by logits at i-1; only response tokens count.
+    want = [
+        logp[0, 2, 8] + logp[0, 3, 9],
+        logp[1, 0, 10] + logp[1, 1, 11] + logp[1, 2, 12] + logp[1, 3, 13] + logp[1, 4, 14],
+    ]
+    torch.testing.assert_close(got, torch.stack(want))
+    # Changing logits at padding or prompt-only positions changes nothing.
+    logits2 = logits.clone()
+    logits2[0, 4:] += 100.0  # position 4 predicts the pad token
+    logits2[0, 0:2] -= 100.0
+    torch.testing.assert_close(sequence_logps(logits2, batch["input_ids"], batch["response_mask"]), got)
