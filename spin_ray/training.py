@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray
 import torch
 
@@ -189,7 +190,23 @@ class SpinWorker:
                             f"acc {line['rewards/accuracies']:.3f} margin {line['rewards/margins']:.4f}",
                             flush=True,
                         )
-        return {"logs": logs, "seconds": time.perf_counter() - start, "steps": micro}
+        return {"logs": logs, "seconds": time.perf_counter() - start, "steps": micro, "pid": os.getpid()}
+
+    @torch.no_grad()
+    def score(self, shard: ray.data.Dataset) -> dict[str, list]:
+        """Summed log-probs of both sides of each pair under the current policy (for checks
+        against exported checkpoints and the engines' numerics)."""
+        out: dict[str, list] = {"uid": [], "real_logps": [], "generated_logps": []}
+        for rows in shard.iter_batches(batch_size=self.cfg.train.batch_size, batch_format="numpy"):
+            n = len(rows["uid"])
+            prompts = [list(p) for p in rows["prompt_ids"]] * 2
+            responses = [list(r) for r in rows["real_ids"]] + [list(g) for g in rows["generated_ids"]]
+            batch = {k: v.to(self.engine.device) for k, v in pad_pairs(prompts, responses, self.pad_id).items()}
+            logps = self._logps(self.engine, batch).tolist()
+            out["uid"] += [str(u) for u in rows["uid"]]
+            out["real_logps"] += logps[:n]
+            out["generated_logps"] += logps[n:]
+        return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full HF-named weights on rank 0 (None elsewhere); every rank must call this."""
@@ -240,6 +257,8 @@ def worker_loop(config: dict[str, Any]) -> None:
             result = worker.train_iteration(task["iteration"], task["shard"], task["rows_per_rank"])
         elif task["kind"] == "export":
             result = worker.export(task["iteration"], Path(task["model_dir"]))
+        elif task["kind"] == "score":
+            result = worker.score(task["shard"])
         ray.get(channel.reply.remote(rank, result))
 
 
@@ -294,6 +313,19 @@ class Trainer:
             [{"kind": "train", "iteration": iteration, "shard": s, "rows_per_rank": rows_per_rank} for s in shards]
         )
         return self._collect()[0]
+
+    def score(self, pairs: pa.Table) -> dict[str, tuple[float, float]]:
+        """{uid: (log p(real), log p(generated))} under the current policy."""
+        n = self.cfg.train.num_workers
+        # Pad with repeated rows to a multiple of the world size: under ZeRO-3 every forward pass
+        # is a collective, so all ranks must run the same number of them.
+        padded = pa.concat_tables([pairs, pairs.slice(0, -pairs.num_rows % n)])
+        shards = ray.data.from_arrow(padded).split(n, equal=True)
+        self.channel.post.remote([{"kind": "score", "shard": s} for s in shards])
+        scores = {}
+        for r in self._collect():
+            scores |= dict(zip(r["uid"], zip(r["real_logps"], r["generated_logps"], strict=True), strict=True))
+        return scores
 
     def export(self, iteration: int, model_dir: Path) -> ray.ObjectRef:
         """Writes iteration's HF checkpoint; returns the object-store ref of the packed weights."""

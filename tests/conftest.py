@@ -1,0 +1,31 @@
+"""One Ray session and one toy world for the whole test run (each ray.init costs ~10 s)."""
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway local clusters
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy():
+    from spin_ray.toy import build_toy_world
+
+    cache = os.environ.get("SPIN_RAY_CACHE", os.path.expanduser("~/.cache/spin-ray"))
+    return build_toy_world(os.path.join(cache, "toy-seed0"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    # More logical CPUs than cores: engines and train workers mostly wait on each other.
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {
+        k: os.environ[k] for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
+    }})
+    yield ray
+    ray.shutdown()
