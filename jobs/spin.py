@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
 
     import ray
 
-    from spin_ray.coordinator import Coordinator
+    from spin_ray.coordinator import run_job
 
     # Ray Data's bars are unreadable when forwarded from actors: the coordinator prints progress.
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
@@ -52,8 +52,7 @@ def main(argv: list[str]) -> int:
         g, t = cfg.generation, cfg.train
         demand = g.num_engines * g.num_cpus + t.num_workers * t.num_cpus + 2
         ray.init(num_cpus=max(os.cpu_count() or 1, int(demand + 0.999)), runtime_env={"env_vars": env})
-    coordinator = ray.remote(num_cpus=0)(Coordinator).remote(cfg, prepared)
-    summary = ray.get(coordinator.run.remote())
+    summary = run_job(cfg, prepared)
     print_table(summary["history"])
     print(f"\noutputs: {summary['output_dir']} (config.yaml, iter_<t>/pairs, iter_<t>/model, metrics.jsonl)")
     return 0

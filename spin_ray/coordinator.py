@@ -122,7 +122,8 @@ class Coordinator:
             sync = self.sync(engines, weights)  # engines now serve p_{t+1}
             evaluation = self.evaluate(engines)
             for line in train["logs"]:
-                tracker.log({f"train/{k}": v for k, v in line.items() if k != "step"}, step=step + line["step"])
+                metrics = {f"train/{k}": v for k, v in line.items() if k not in ("step", "iteration")}
+                tracker.log({"iteration": t} | metrics, step=step + line["step"])
             step += train["steps"]
             row = {"iteration": t, "global_step": step, **self._iteration_metrics(gen, train, sync, evaluation, tick)}
             tracker.log(row, step=step)
@@ -222,3 +223,9 @@ class Coordinator:
             | evaluation
             | {"time/iteration_s": time.perf_counter() - tick}
         )
+
+
+def run_job(cfg: Config, prepared: Prepared) -> dict[str, Any]:
+    """Runs the coordinator as an actor on the connected Ray cluster; returns its summary."""
+    coordinator = ray.remote(num_cpus=0)(Coordinator).remote(cfg, prepared)
+    return ray.get(coordinator.run.remote())

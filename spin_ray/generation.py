@@ -53,7 +53,7 @@ class Engine:
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
-    def generate(self, batch: dict[str, np.ndarray], greedy: bool = False) -> dict[str, np.ndarray]:
+    def generate(self, batch: dict[str, list], greedy: bool = False) -> dict[str, list]:
         """Samples one response per row of `prompt_ids` (seeded per row by `seed`).
 
         `generated_ids` end with EOS when the response finished there; `generated` is the text.
@@ -67,13 +67,13 @@ class Engine:
             )
             for s in batch["seed"]
         ]
-        prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in batch["prompt_ids"]]
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in batch["prompt_ids"]]
         outputs = [o.outputs[0] for o in self.llm.generate(prompts, params, use_tqdm=False)]
         return {
-            "generated_ids": _ragged([np.asarray(o.token_ids, dtype=np.int64) for o in outputs]),
-            "generated": np.array([o.text for o in outputs], dtype=object),
-            "generated_tokens": np.array([len(o.token_ids) for o in outputs]),
-            "prompt_tokens": np.array([len(p) for p in batch["prompt_ids"]]),
+            "generated_ids": [list(o.token_ids) for o in outputs],
+            "generated": [o.text for o in outputs],
+            "generated_tokens": [len(o.token_ids) for o in outputs],
+            "prompt_tokens": [len(p) for p in batch["prompt_ids"]],
         }
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
@@ -81,8 +81,6 @@ class Engine:
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-        prompt_ids = [[int(t) for t in p] for p in prompt_ids]
-        response_ids = [[int(t) for t in r] for r in response_ids]
         prompts = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompt_ids, response_ids, strict=True)]
         sums = []
         for out, p, r in zip(self.llm.generate(prompts, params, use_tqdm=False), prompt_ids, response_ids, strict=True):
@@ -91,13 +89,11 @@ class Engine:
             sums.append(float(sum(lp[tok].logprob for lp, tok in zip(positions, r, strict=True))))
         return sums
 
-    def score_batch(self, batch: dict[str, np.ndarray], columns: dict[str, str]) -> dict[str, np.ndarray]:
+    def score_batch(self, batch: dict[str, list], columns: dict[str, str]) -> dict[str, list]:
         """Scores each response column of the batch: {response column: output column}."""
-        names = list(columns)
         n = len(batch["prompt_ids"])
-        responses = [r for name in names for r in batch[name]]
-        sums = np.array(self.score(list(batch["prompt_ids"]) * len(names), responses))
-        return {columns[name]: sums[i * n : (i + 1) * n] for i, name in enumerate(names)}
+        sums = self.score(batch["prompt_ids"] * len(columns), [r for name in columns for r in batch[name]])
+        return {out: sums[i * n : (i + 1) * n] for i, out in enumerate(columns.values())}
 
     def load_weights(self, payload: bytes) -> dict[str, float]:
         """Hot-swap: full HF-named weights (safetensors bytes) into every worker, in place."""
@@ -149,18 +145,13 @@ def start_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_
     return engines
 
 
-def _route(batch: dict[str, np.ndarray], engines: list, method: str, kwargs: dict) -> dict[str, np.ndarray]:
+def _route(batch: pa.Table, engines: list, method: str, kwargs: dict) -> pa.Table:
     """Ray Data task UDF: hand one batch to the engine its first row was assigned to."""
-    engine = engines[int(batch["engine"][0])]
-    return batch | ray.get(getattr(engine, method).remote(batch, **kwargs))
-
-
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    # np.array() of equal-length arrays would make a 2-D array; Ray Data wants one object per row.
-    out = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        out[i] = a
-    return out
+    engine = engines[batch["engine"][0].as_py()]
+    columns = ray.get(getattr(engine, method).remote(batch.to_pydict(), **kwargs))
+    for name, values in columns.items():  # plain Arrow lists: list<int64> ids stay lists in Parquet
+        batch = batch.append_column(name, pa.array(values))
+    return batch
 
 
 def through_engines(
@@ -178,7 +169,7 @@ def through_engines(
         _route,
         fn_kwargs={"engines": engines, "method": method, "kwargs": kwargs},
         batch_size=cfg.batch_size,
-        batch_format="numpy",
+        batch_format="pyarrow",
         concurrency=n * cfg.max_in_flight,
         num_cpus=0.01,  # the task only waits on an engine: don't let it hold a core
     )

@@ -14,8 +14,15 @@ from safetensors.torch import save as save_safetensors
 
 def pack(state_dict: dict[str, torch.Tensor]) -> bytes:
     """Serialise for the object-store path. Bytes, not tensors: multiprocess vLLM turns tensors in
-    collective_rpc args into nested lists."""
-    return save_safetensors({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})
+    collective_rpc args into nested lists. Tied weights (lm_head = embed_tokens) go once, under
+    their first name, which is the one vLLM loads for tied models."""
+    seen: set[int] = set()
+    unique = {}
+    for name, tensor in state_dict.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            unique[name] = tensor.detach().contiguous().cpu()
+    return save_safetensors(unique)
 
 
 class WeightReceiver:
@@ -30,4 +37,15 @@ class WeightReceiver:
         """
         weights = load_safetensors(payload)
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+        self._repack_tied_lm_head()
         return len(weights)
+
+    def _repack_tied_lm_head(self) -> None:
+        """On CPU, vLLM pre-packs each linear weight for its GEMM kernel after loading, and the
+        in-place reload re-packs only modules that received tensors. A tied lm_head receives none
+        (it shares embed_tokens' weight), so it would keep multiplying by the old embeddings."""
+        model = self.model_runner.get_model()
+        lm_head = getattr(model, "lm_head", None)
+        weight = getattr(lm_head, "weight", None)
+        if weight is not None and any(m is not lm_head and getattr(m, "weight", None) is weight for m in model.modules()):
+            lm_head.quant_method.process_weights_after_loading(lm_head)

@@ -61,7 +61,7 @@ def test_stream_200_prompts_over_two_engines(engines, tok, ray_session):
     assert {int(r["engine"]) for r in out} == {0, 1}
     assert sum(int(r["engine"]) == 0 for r in out) == 8 * 16  # batches of 16, round-robin
     for r in out:
-        ids = list(r["generated_ids"])
+        ids = r["generated_ids"]
         assert r["generated_tokens"] == len(ids) and r["prompt_tokens"] == len(r["prompt_ids"])
         assert ids[-1] == tok.eos_token_id or len(ids) == cfg.max_tokens  # stops at EOS
         assert r["generated"] == tok.decode(ids, skip_special_tokens=True)
@@ -91,10 +91,10 @@ def test_hot_swap_matches_hf_greedy_of_new_weights(engines, tok, toy, ray_sessio
     prompts += [prompt_ids(tok, f"{a}+{b}=", system=long_system) for a, b in [(12, 34), (56, 78), (90, 11), (23, 45),
                                                                              (67, 89), (10, 10), (99, 98), (31, 62)]]
     assert min(len(p) for p in prompts[8:]) >= 128
-    batch = {"prompt_ids": np.array(prompts, dtype=object), "seed": np.zeros(len(prompts), dtype=np.int64)}
+    batch = {"prompt_ids": prompts, "seed": [0] * len(prompts)}
 
     def engine_greedy() -> list[list[int]]:
-        return [list(ids) for ids in ray_session.get(engine.generate.remote(batch, greedy=True))["generated_ids"]]
+        return ray_session.get(engine.generate.remote(batch, greedy=True))["generated_ids"]
 
     before = engine_greedy()  # also fills the prefix cache with blocks of the old weights
     new = perturbed(toy, seed=1)

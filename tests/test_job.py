@@ -1,0 +1,140 @@
+"""The whole job end to end on the toy world: few, expensive runs, many assertions each."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from wandb_records import history
+
+from spin_ray.config import load_config
+from spin_ray.coordinator import prepare, run_job
+from spin_ray.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+N_PROMPTS = 48
+METRICS = ["train/loss", "train/rewards/real", "train/rewards/generated", "train/rewards/margins",
+           "train/rewards/accuracies", "train/logps/real", "train/logps/generated", "eval/logps/real",
+           "eval/accuracy", "gen/tokens_per_s", "gen/seconds", "train/seconds", "sync/seconds", "time/iteration_s"]
+
+
+def toy_config(out: Path, *overrides: str):
+    return load_config(ROOT / "configs" / "toy.yaml", [
+        f"run.output_dir={out}", f"data.max_examples={N_PROMPTS}", "generation.temperature=0", "model.dtype=float32",
+        "train.lr=1e-3", "train.batch_size=8", "train.log_every=2", *overrides])
+
+
+@pytest.fixture(scope="module")
+def run(ray_session, toy, tmp_path_factory):
+    """Two iterations, then the same output dir with spin.iterations=3: the job resumes at 3."""
+    out = tmp_path_factory.mktemp("job") / "run"
+    first = spin(toy_config(out, "spin.iterations=2"))
+    second = spin(toy_config(out, "spin.iterations=3"))
+    return out, first, second
+
+
+def spin(cfg):
+    return run_job(cfg, prepare(cfg))
+
+
+def test_artifacts_and_engines_started_once(run):
+    out, first, second = run
+    assert first["engine_starts"] == 1 and second["engine_starts"] == 1
+    assert [r["iteration"] for r in second["history"]] == [1, 2]  # resumed: start = p_2, then iteration 3
+    assert (out / "config.yaml").exists() and (out / "summary.json").exists()
+    for t in range(3):
+        pairs = pq.read_table(out / f"iter_{t}" / "pairs")
+        assert pairs.num_rows == N_PROMPTS and len(set(pairs["uid"].to_pylist())) == N_PROMPTS
+        assert {"uid", "prompt", "real", "generated"} <= set(pairs.column_names)
+        assert (out / f"iter_{t}" / "model" / "model.safetensors").exists()
+
+
+def test_each_iteration_generates_with_the_swapped_weights(run, toy):
+    """Greedy pairs of iteration t+1 are exactly HF greedy decoding of iter_<t>/model."""
+    out, _, _ = run
+    tok = AutoTokenizer.from_pretrained(toy.model_dir)
+    for t in range(2):
+        model = AutoModelForCausalLM.from_pretrained(out / f"iter_{t}" / "model", dtype=torch.float32).eval()
+        pairs = pq.read_table(out / f"iter_{t + 1}" / "pairs").to_pylist()
+        for row in pairs[:16]:
+            p = row["prompt_ids"]
+            ids = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist()
+            ids = ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids
+            assert row["generated_ids"] == ids, (t, row["uid"])
+        previous = pq.read_table(out / f"iter_{t}" / "pairs").column("generated").to_pylist()
+        assert previous != [r["generated"] for r in pairs]  # the weights did change
+
+
+def test_metrics_jsonl_and_wandb(run):
+    out, _, _ = run
+    lines = read_metrics(out)
+    rows = [x for x in lines if "global_step" in x]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for key in METRICS:
+        assert all(key in r for r in rows), key
+    assert any("train/lr" in x for x in lines)  # per-log-step training lines
+    logged = history(out)
+    for key in METRICS:
+        assert any(key in r for r in logged), key
+    assert [r["iteration"] for r in logged if "global_step" in r] == [0, 1, 2]  # one run across the resume
+
+
+def test_notebook_executes(run, monkeypatch):
+    out, _, _ = run
+    monkeypatch.setenv("SPIN_RUN_DIR", str(out))
+    path = ROOT / "notebooks" / "spin_run.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_local_head(tmp_path):
+    """`ray job submit -- python jobs/spin.py` against our own head, on its own ports and temp dir."""
+    bin_dir = Path(sys.executable).parent
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = Path("/tmp") / f"spinray-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [bin_dir / "ray", "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+         "--dashboard-port=8265", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--num-cpus=6",
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        out = tmp_path / "run"
+        for _ in range(60):
+            ok = subprocess.run([bin_dir / "ray", "job", "list", "--address", "http://127.0.0.1:8265"], env=env,
+                                capture_output=True).returncode == 0
+            if ok:
+                break
+            time.sleep(2)
+        proc = subprocess.run(
+            [bin_dir / "ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(ROOT), "--",
+             "python", "jobs/spin.py", "spin.iterations=2", f"data.max_examples={N_PROMPTS}",
+             f"run.output_dir={out}", "run.wandb_mode=disabled"],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["engine_starts"] == 1 and len(summary["history"]) == 3
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # stop our head by its process group, never `ray stop`
+        head.wait(timeout=60)
