@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from spin_ray.config import Config
 from spin_ray.data import Example, load_sft
@@ -226,6 +227,8 @@ class Coordinator:
 
 
 def run_job(cfg: Config, prepared: Prepared) -> dict[str, Any]:
-    """Runs the coordinator as an actor on the connected Ray cluster; returns its summary."""
-    coordinator = ray.remote(num_cpus=0)(Coordinator).remote(cfg, prepared)
+    """Runs the coordinator as an actor on the driver's node (the head, under `ray job submit`),
+    so it needs no GPU node to exist; returns its summary."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    coordinator = ray.remote(num_cpus=0, scheduling_strategy=here)(Coordinator).remote(cfg, prepared)
     return ray.get(coordinator.run.remote())

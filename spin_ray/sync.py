@@ -47,5 +47,6 @@ class WeightReceiver:
         model = self.model_runner.get_model()
         lm_head = getattr(model, "lm_head", None)
         weight = getattr(lm_head, "weight", None)
-        if weight is not None and any(m is not lm_head and getattr(m, "weight", None) is weight for m in model.modules()):
+        tied = any(m is not lm_head and getattr(m, "weight", None) is weight for m in model.modules())
+        if weight is not None and tied:
             lm_head.quant_method.process_weights_after_loading(lm_head)

@@ -9,8 +9,17 @@ Everything is made locally, no hub access:
     data/eval.jsonl   held-out split, disjoint prompts
     BUILD_OK.json     completion marker, written last
 
-p_0 is deliberately under-trained (greedy held-out accuracy roughly 0.4-0.75),
+p_0 is deliberately under-trained (greedy held-out accuracy roughly 0.5-0.7),
 so that SPIN has something to improve and correctness can be checked exactly.
+
+A SPIN setting that works here (found with a plain-torch emulation of the job, 6 seeds):
+first 500 train prompts, 1 sample each at temperature 1 / top_p 1, max 8 new tokens;
+AdamW lr 1e-5 (300x below p_0's SFT lr), betas (0.9, 0.999), no weight decay, 10% linear
+warmup then constant, 1 epoch, batch 32 pairs, beta 0.1, fresh optimizer each iteration,
+pairs of iterations t and t-1. Held-out greedy accuracy rose in every seed and iteration,
+on average 0.568 -> 0.621 -> 0.659 -> 0.685 (+0.09 to +0.17 per seed after 3 iterations);
+continued SFT on the same prompts with the same steps and lr gains about as much (0.707).
+At 3x that lr SPIN oscillates between iterations and can end below p_0; at 10x it collapses.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 # bump when anything below changes what gets built, so stale caches get rebuilt
 TOY_VERSION = 1
@@ -42,7 +52,7 @@ MAX_POSITIONS = 128
 
 # p_0's SFT stops as soon as its greedy dev accuracy reaches SFT_TARGET_ACC. Addition is
 # learned in a sudden jump (the carry rule clicks), whose timing varies a lot with the seed
-# (~250-400 steps), so a fixed step count gives p_0 anywhere from ~0.05 to ~0.9 accuracy.
+# (~200-700 steps), so a fixed step count gives p_0 anywhere from ~0.05 to ~0.9 accuracy.
 # Stopping on a dev split lands every seed in the same middle of that jump.
 SFT_TARGET_ACC = 0.5
 SFT_MAX_STEPS = 1500
@@ -247,10 +257,11 @@ def sft(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     attn = (input_ids != model.config.pad_token_id).long()
     perm, pos = torch.randperm(len(input_ids), generator=g), 0
-    for step in range(max_steps):
-        if stop is not None and step % check_every == 0 and step > 0 and stop():
-            return step
-        model.train()
+    step = 0
+    while step < max_steps:
+        if stop is not None and step > 0 and step % check_every == 0 and stop():
+            break
+        model.train()  # stop() may have switched to eval mode
         if pos + batch_size > len(perm):  # reshuffle each epoch, drop the ragged tail
             perm, pos = torch.randperm(len(input_ids), generator=g), 0
         idx = perm[pos : pos + batch_size]
@@ -262,8 +273,9 @@ def sft(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        step += 1
     model.eval()
-    return max_steps
+    return step
 
 
 @torch.no_grad()
@@ -277,14 +289,13 @@ def greedy_responses(
 ) -> list[str]:
     """Greedy decoding with HF generate (left padded batches)."""
     model.eval()
-    tokenizer.padding_side = "left"
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
         texts = [
             tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
             for p in prompts[i : i + batch_size]
         ]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
         gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens)
         out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
@@ -324,6 +335,8 @@ def build_toy_world(root: str | Path, seed: int = 0, *, force: bool = False) -> 
     # saved weights byte-identical across builds (and keeps us off the shared core).
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the build prints one line, not a "Writing shards" bar
     try:
         train, held_out, dev = _make_splits(seed)
         _write_jsonl(world.train_path, train)
@@ -358,6 +371,8 @@ def build_toy_world(root: str | Path, seed: int = 0, *, force: bool = False) -> 
         tokenizer.save_pretrained(world.model_dir)
     finally:
         torch.set_num_threads(prev_threads)
+        if bars:
+            hf_logging.enable_progress_bar()
 
     marker.write_text(
         json.dumps({**want, "p0_sft_steps": steps, "p0_eval_greedy_accuracy": acc}, sort_keys=True) + "\n"

@@ -24,8 +24,15 @@ def ray_session():
     import ray
 
     # More logical CPUs than cores: engines and train workers mostly wait on each other.
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {
-        k: os.environ[k] for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
-    }})
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        runtime_env={
+            "env_vars": {
+                k: os.environ[k]
+                for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
+            }
+        },
+    )
     yield ray
     ray.shutdown()

@@ -95,10 +95,16 @@ def test_spin_config_matches_cluster(raw):
         assert getattr(cfg, section).resource == node_type
         assert node_type in raw["available_node_types"][node_type]["resources"]
     # The GPU settings the header comment suggests validate together.
-    load_config(None, [
-        "generation.resource=gen_gpu", "generation.num_gpus=1",
-        "train.resource=train_gpu", "train.use_gpu=true", "train.num_workers=8",
-    ])
+    load_config(
+        None,
+        [
+            "generation.resource=gen_gpu",
+            "generation.num_gpus=1",
+            "train.resource=train_gpu",
+            "train.use_gpu=true",
+            "train.num_workers=8",
+        ],
+    )
 
     # Every `section.key` that the comments mention is a real config field.
     text = CLUSTER_YAML.read_text()

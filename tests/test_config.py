@@ -51,8 +51,26 @@ def test_bad_files(tmp_path):
 
 def test_reference_lists_every_key():
     table = reference_markdown()
-    for key in ("model.path", "model.dtype", "data.train_path", "data.eval_path", "data.max_prompt_tokens",
-                "generation.temperature", "generation.top_p", "generation.max_tokens", "generation.num_engines",
-                "spin.iterations", "spin.beta", "spin.loss_type", "spin.mix_previous", "train.lr", "train.epochs",
-                "train.batch_size", "train.zero_stage", "train.num_workers", "run.output_dir", "run.seed"):
+    for key in (
+        "model.path",
+        "model.dtype",
+        "data.train_path",
+        "data.eval_path",
+        "data.max_prompt_tokens",
+        "generation.temperature",
+        "generation.top_p",
+        "generation.max_tokens",
+        "generation.num_engines",
+        "spin.iterations",
+        "spin.beta",
+        "spin.loss_type",
+        "spin.mix_previous",
+        "train.lr",
+        "train.epochs",
+        "train.batch_size",
+        "train.zero_stage",
+        "train.num_workers",
+        "run.output_dir",
+        "run.seed",
+    ):
         assert f"`{key}`" in table

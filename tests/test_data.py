@@ -34,11 +34,20 @@ def write_jsonl(path: Path, lines: list) -> Path:
 
 
 def test_prompt_response_split_and_uids(tmp_path, tok):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"id": "a", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+2="},
-                                 {"role": "assistant", "content": "3"}]},
-        conv("2+2=", "4"),
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {
+                "id": "a",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "1+2="},
+                    {"role": "assistant", "content": "3"},
+                ],
+            },
+            conv("2+2=", "4"),
+        ],
+    )
     first, second = load(path, tok)
     assert first.uid == "a" and len(second.uid) == 16  # given id, else a content hash
     assert [m["role"] for m in first.prompt_messages] == ["system", "user"] and first.real == "3"
@@ -49,28 +58,38 @@ def test_prompt_response_split_and_uids(tmp_path, tok):
 
 
 def test_every_bad_record_reported_with_line_and_field(tmp_path, tok):
-    path = write_jsonl(tmp_path / "bad.jsonl", [
-        conv("1+1=", "2", id="ok"),
-        "{not json",
-        {"text": "no messages"},
-        {"messages": []},
-        {"messages": [{"role": "user", "content": "1+1="}]},
-        {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "2"}]},
-        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "2"}]},
-        {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": 2}]},
-        conv("3+3=", "6", id="ok"),
-        conv("x" * 100, "6"),
-    ])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            conv("1+1=", "2", id="ok"),
+            "{not json",
+            {"text": "no messages"},
+            {"messages": []},
+            {"messages": [{"role": "user", "content": "1+1="}]},
+            {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "2"}]},
+            {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "2"}]},
+            {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": 2}]},
+            conv("3+3=", "6", id="ok"),
+            conv("x" * 100, "6"),
+        ],
+    )
     t0 = time.perf_counter()
     with pytest.raises(DataError) as e:
         load(path, tok)
     assert time.perf_counter() - t0 < 5
     msg = str(e.value)
     assert "9 problem(s)" in msg
-    for line, field in [(2, "invalid JSON"), (3, "`messages` is missing"), (4, "non-empty list"),
-                        (5, "messages[0].role must be 'assistant'"), (6, "messages[0].role is 'robot'"),
-                        (7, "messages[0].content"), (8, "messages[1].content"), (9, "duplicates"),
-                        (10, "data.max_prompt_tokens=64")]:
+    for line, field in [
+        (2, "invalid JSON"),
+        (3, "`messages` is missing"),
+        (4, "non-empty list"),
+        (5, "messages[0].role must be 'assistant'"),
+        (6, "messages[0].role is 'robot'"),
+        (7, "messages[0].content"),
+        (8, "messages[1].content"),
+        (9, "duplicates"),
+        (10, "data.max_prompt_tokens=64"),
+    ]:
         assert f"bad.jsonl:{line}: " in msg and field in msg.split(f"bad.jsonl:{line}: ")[1].split("\n")[0]
 
 
@@ -111,7 +130,9 @@ def test_job_rejects_bad_data_before_ray(tmp_path):
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "spin.py"), f"data.train_path={path}", f"run.output_dir={tmp_path}/run"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{path}:2: field `messages` must be a non-empty list" in proc.stderr
@@ -120,6 +141,10 @@ def test_job_rejects_bad_data_before_ray(tmp_path):
 
 
 def test_job_rejects_bad_config_before_ray(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "spin.py"), "train.zero_stage=5"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "spin.py"), "train.zero_stage=5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "train.zero_stage" in proc.stderr

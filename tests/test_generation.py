@@ -38,7 +38,7 @@ def prompt_ids(tok, question: str, system: str | None = None) -> list[int]:
 def hf_greedy(model, tok, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     out = []
     for p in prompts:  # one at a time: no padding effects
-        ids = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False)[0, len(p):].tolist()
+        ids = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False)[0, len(p) :].tolist()
         out.append(ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids)
     return out
 
@@ -54,8 +54,9 @@ def perturbed(toy, seed: int, scale: float = 0.05):
 
 def test_stream_200_prompts_over_two_engines(engines, tok, ray_session):
     cfg, handles = engines
-    rows = [{"uid": f"p{i}", "prompt_ids": prompt_ids(tok, f"{10 + i % 90}+{i % 77 + 10}="), "seed": i}
-            for i in range(200)]
+    rows = [
+        {"uid": f"p{i}", "prompt_ids": prompt_ids(tok, f"{10 + i % 90}+{i % 77 + 10}="), "seed": i} for i in range(200)
+    ]
     out = through_engines(pa.Table.from_pylist(rows), handles, cfg).take_all()
     assert len(out) == 200 and len({r["uid"] for r in out}) == 200
     assert {int(r["engine"]) for r in out} == {0, 1}
@@ -86,10 +87,14 @@ def test_hot_swap_matches_hf_greedy_of_new_weights(engines, tok, toy, ray_sessio
     pid = ray_session.get(engine.ready.remote())["pid"]
     # 128+ token prompts share a full 128-token KV block: they expose a stale prefix cache.
     long_system = "You are a careful calculator. " * 5
-    prompts = [prompt_ids(tok, f"{a}+{b}=") for a, b in [(12, 34), (56, 78), (90, 11), (23, 45), (67, 89),
-                                                          (10, 10), (99, 98), (31, 62)]]
-    prompts += [prompt_ids(tok, f"{a}+{b}=", system=long_system) for a, b in [(12, 34), (56, 78), (90, 11), (23, 45),
-                                                                             (67, 89), (10, 10), (99, 98), (31, 62)]]
+    prompts = [
+        prompt_ids(tok, f"{a}+{b}=")
+        for a, b in [(12, 34), (56, 78), (90, 11), (23, 45), (67, 89), (10, 10), (99, 98), (31, 62)]
+    ]
+    prompts += [
+        prompt_ids(tok, f"{a}+{b}=", system=long_system)
+        for a, b in [(12, 34), (56, 78), (90, 11), (23, 45), (67, 89), (10, 10), (99, 98), (31, 62)]
+    ]
     assert min(len(p) for p in prompts[8:]) >= 128
     batch = {"prompt_ids": prompts, "seed": [0] * len(prompts)}
 
@@ -116,9 +121,12 @@ def test_bf16_engine_takes_fp32_weights(ray_session, toy, tok):
         responses = [tok.encode(f"{a}<|end|>", add_special_tokens=False) for a in (46, 134, 101, 68)]
 
         def hf(model):
-            with torch.no_grad():
-                return [model(torch.tensor([p + r])).logits[0].log_softmax(-1)[len(p) - 1 : -1]
-                        .gather(1, torch.tensor(r)[:, None]).sum().item() for p, r in zip(prompts, responses)]
+            sums = []
+            for p, r in zip(prompts, responses, strict=True):
+                with torch.no_grad():
+                    logp = model(torch.tensor([p + r])).logits[0].log_softmax(-1)[len(p) - 1 : -1]
+                sums.append(logp.gather(1, torch.tensor(r)[:, None]).sum().item())
+            return sums
 
         ray_session.get(engine.load_weights.remote(pack(new.state_dict())))  # fp32 tensors, bf16 engine
         got = np.array(ray_session.get(engine.score.remote(prompts, responses)))

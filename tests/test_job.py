@@ -23,15 +23,38 @@ from spin_ray.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 N_PROMPTS = 48
-METRICS = ["train/loss", "train/rewards/real", "train/rewards/generated", "train/rewards/margins",
-           "train/rewards/accuracies", "train/logps/real", "train/logps/generated", "eval/logps/real",
-           "eval/accuracy", "gen/tokens_per_s", "gen/seconds", "train/seconds", "sync/seconds", "time/iteration_s"]
+METRICS = [
+    "train/loss",
+    "train/rewards/real",
+    "train/rewards/generated",
+    "train/rewards/margins",
+    "train/rewards/accuracies",
+    "train/logps/real",
+    "train/logps/generated",
+    "eval/logps/real",
+    "eval/accuracy",
+    "gen/tokens_per_s",
+    "gen/seconds",
+    "train/seconds",
+    "sync/seconds",
+    "time/iteration_s",
+]
 
 
 def toy_config(out: Path, *overrides: str):
-    return load_config(ROOT / "configs" / "toy.yaml", [
-        f"run.output_dir={out}", f"data.max_examples={N_PROMPTS}", "generation.temperature=0", "model.dtype=float32",
-        "train.lr=1e-3", "train.batch_size=8", "train.log_every=2", *overrides])
+    return load_config(
+        ROOT / "configs" / "toy.yaml",
+        [
+            f"run.output_dir={out}",
+            f"data.max_examples={N_PROMPTS}",
+            "generation.temperature=0",
+            "model.dtype=float32",
+            "train.lr=1e-3",
+            "train.batch_size=8",
+            "train.log_every=2",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +91,7 @@ def test_each_iteration_generates_with_the_swapped_weights(run, toy):
         pairs = pq.read_table(out / f"iter_{t + 1}" / "pairs").to_pylist()
         for row in pairs[:16]:
             p = row["prompt_ids"]
-            ids = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p):].tolist()
+            ids = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p) :].tolist()
             ids = ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids
             assert row["generated_ids"] == ids, (t, row["uid"])
         previous = pq.read_table(out / f"iter_{t}" / "pairs").column("generated").to_pylist()
@@ -94,8 +117,9 @@ def test_notebook_executes(run, monkeypatch):
     monkeypatch.setenv("SPIN_RUN_DIR", str(out))
     path = ROOT / "notebooks" / "spin_run.ipynb"
     nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
 
 
@@ -112,24 +136,58 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path("/tmp") / f"spinray-{os.getpid()}"  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
-        [bin_dir / "ray", "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
-         "--dashboard-port=8265", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--num-cpus=6",
-         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            bin_dir / "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={free_port()}",
+            "--dashboard-host=127.0.0.1",
+            "--dashboard-port=8265",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
+            "--num-cpus=6",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         out = tmp_path / "run"
         for _ in range(60):
-            ok = subprocess.run([bin_dir / "ray", "job", "list", "--address", "http://127.0.0.1:8265"], env=env,
-                                capture_output=True).returncode == 0
+            ok = (
+                subprocess.run(
+                    [bin_dir / "ray", "job", "list", "--address", "http://127.0.0.1:8265"], env=env, capture_output=True
+                ).returncode
+                == 0
+            )
             if ok:
                 break
             time.sleep(2)
         proc = subprocess.run(
-            [bin_dir / "ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(ROOT), "--",
-             "python", "jobs/spin.py", "spin.iterations=2", f"data.max_examples={N_PROMPTS}",
-             f"run.output_dir={out}", "run.wandb_mode=disabled"],
-            env=env, capture_output=True, text=True, timeout=900,
+            [
+                bin_dir / "ray",
+                "job",
+                "submit",
+                "--address",
+                "http://127.0.0.1:8265",
+                "--working-dir",
+                str(ROOT),
+                "--",
+                "python",
+                "jobs/spin.py",
+                "spin.iterations=2",
+                f"data.max_examples={N_PROMPTS}",
+                f"run.output_dir={out}",
+                "run.wandb_mode=disabled",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "succeeded" in proc.stdout

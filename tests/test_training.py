@@ -20,26 +20,46 @@ def pairs(toy) -> pa.Table:
     """16 toy pairs whose 'generated' side is another example's answer (a plausible wrong one)."""
     tok = AutoTokenizer.from_pretrained(toy.model_dir)
     ex = load_sft(toy.train_path, tok, max_prompt_tokens=64, max_response_tokens=16, max_examples=16)
-    return pa.Table.from_pylist([
-        {"uid": e.uid, "prompt_ids": e.prompt_ids, "real_ids": e.real_ids, "generated_ids": ex[(i + 1) % 16].real_ids}
-        for i, e in enumerate(ex)
-    ])
+    return pa.Table.from_pylist(
+        [
+            {
+                "uid": e.uid,
+                "prompt_ids": e.prompt_ids,
+                "real_ids": e.real_ids,
+                "generated_ids": ex[(i + 1) % 16].real_ids,
+            }
+            for i, e in enumerate(ex)
+        ]
+    )
 
 
 def hf_logps(model_dir, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = table.to_pylist()
-    batch = pad_pairs([r["prompt_ids"] for r in rows] * 2,
-                      [r["real_ids"] for r in rows] + [r["generated_ids"] for r in rows], pad_id=0)
+    batch = pad_pairs(
+        [r["prompt_ids"] for r in rows] * 2,
+        [r["real_ids"] for r in rows] + [r["generated_ids"] for r in rows],
+        pad_id=0,
+    )
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"]).numpy()
-    return logps[: len(rows)], logps[len(rows):]
+    return logps[: len(rows)], logps[len(rows) :]
 
 
 def make_trainer(toy, tmp_path, *overrides):
-    cfg = load_config(None, [f"run.output_dir={tmp_path}", "train.num_workers=2", "train.batch_size=8",
-                             "train.log_every=1", "train.lr=1e-3", "train.optimizer=adamw", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            "train.num_workers=2",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.lr=1e-3",
+            "train.optimizer=adamw",
+            *overrides,
+        ],
+    )
     return Trainer(cfg, str(toy.model_dir))
 
 
@@ -78,7 +98,8 @@ def test_zero2_engine_reference_odd_pairs_same_workers(ray_session, toy, pairs, 
     real, generated = hf_logps(toy.model_dir, pairs)
     odd = pairs.slice(0, 7)
     with_ref = odd.append_column("ref_real_logps", pa.array(real[:7])).append_column(
-        "ref_generated_logps", pa.array(generated[:7]))
+        "ref_generated_logps", pa.array(generated[:7])
+    )
     trainer = make_trainer(toy, tmp_path, "train.zero_stage=2", "spin.reference=engines", "train.batch_size=2")
     try:
         pids = set(trainer.pids)
