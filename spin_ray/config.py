@@ -83,6 +83,9 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "rmsprop"] = Field("rmsprop", description="Official SPIN uses RMSprop.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Linear warmup share of each iteration's steps.")
+    schedule: Literal["linear", "constant"] = Field(
+        "linear", description="After warmup: linear decay to 0 (official SPIN) or constant."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
@@ -95,7 +98,8 @@ class TrainConfig(Section):
 
 class SyncConfig(Section):
     method: Literal["object_store", "broadcast"] = Field("object_store", description="Weight transfer path.")
-    bucket_mb: int = Field(256, gt=0, description="Bucket size for the broadcast path.")
+    bucket_mb: float = Field(256, gt=0, description="Bucket size of the broadcast path, in MiB.")
+    timeout_s: float = Field(600, gt=0, description="A broadcast that stalls this long fails the sync.")
 
 
 class RunConfig(Section):

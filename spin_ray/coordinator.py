@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from spin_ray.config import Config
 from spin_ray.data import Example, load_sft
 from spin_ray.generation import sample_seed, start_engines, through_engines
+from spin_ray.sync import connect, plan_buckets, sync_weights
 from spin_ray.tracking import Tracker
 from spin_ray.training import Trainer
 
@@ -111,6 +112,11 @@ class Coordinator:
         tracker = Tracker(cfg, out)
         engines = start_engines(model_path, cfg.model.dtype, cfg.generation, self.p.max_model_len, cfg.run.seed)
         trainer = Trainer(cfg, model_path)
+        plan = []
+        if cfg.sync.method == "broadcast":
+            tp = cfg.generation.tensor_parallel_size if cfg.generation.num_gpus else 1
+            connect(trainer, engines, tp, cfg.sync.timeout_s)
+            plan = plan_buckets(trainer.weight_specs(), int(cfg.sync.bucket_mb * 2**20))
         history = [{"iteration": start - 1, **self.evaluate(engines)}]
         tracker.log(history[0], step=step)
         for t in range(start, cfg.spin.iterations):
@@ -119,16 +125,16 @@ class Coordinator:
             gen = self.generate(t, engines)  # y' ~ p_t(.|x) for every prompt x
             pairs = self.training_set(t, engines)  # (x, y, y') of iterations t, t-1, ...
             train = trainer.train(t, pairs)  # p_{t+1}: prefer y over y', ref p_t
-            weights = trainer.export(t, out / f"iter_{t}" / "model")
-            sync = self.sync(engines, weights)  # engines now serve p_{t+1}
-            evaluation = self.evaluate(engines)
+            weights = trainer.export(t, out / f"iter_{t}" / "model", cfg.sync.method == "object_store")
             for line in train["logs"]:
                 metrics = {f"train/{k}": v for k, v in line.items() if k not in ("step", "iteration")}
                 tracker.log({"iteration": t} | metrics, step=step + line["step"])
             step += train["steps"]
+            (out / f"iter_{t}" / "DONE").write_text(json.dumps({"global_step": step}))  # resume point
+            sync = sync_weights(cfg.sync.method, engines, trainer, weights, plan)  # engines serve p_{t+1}
+            evaluation = self.evaluate(engines)
             row = {"iteration": t, "global_step": step, **self._iteration_metrics(gen, train, sync, evaluation, tick)}
             tracker.log(row, step=step)
-            (out / f"iter_{t}" / "DONE").write_text(json.dumps(row))
             history.append(row)
         trainer.stop()
         for e in engines:
@@ -190,10 +196,6 @@ class Coordinator:
             columns = {"real_ids": "ref_real_logps", "generated_ids": "ref_generated_logps"}
             return through_engines(table, engines, self.cfg.generation, "score_batch", columns=columns)
         return ray.data.from_arrow(table)
-
-    def sync(self, engines: list, weights: ray.ObjectRef) -> dict[str, float]:
-        reports = ray.get([e.load_weights.remote(weights) for e in engines])
-        return {"sync/seconds": max(r["seconds"] for r in reports), "sync/bytes": reports[0]["bytes"]}
 
     def evaluate(self, engines: list) -> dict[str, float]:
         """Held-out metrics of the weights the engines serve now."""

@@ -103,8 +103,15 @@ class Engine:
         self.llm.reset_prefix_cache()
         return {"seconds": time.perf_counter() - start, "bytes": len(payload)}
 
-    def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
-        return self.llm.collective_rpc(method, args=args)
+    def join_weight_group(self, master: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> list:
+        return self.llm.collective_rpc("join_weight_group", args=(master, port, rank_offset, world_size, timeout_s))
+
+    def receive_weights(self, plan: list) -> dict[str, float]:
+        """Hot-swap over the weight-sync group (broadcast path); see spin_ray.sync."""
+        start = time.perf_counter()
+        received = self.llm.collective_rpc("receive_weights", args=(plan,))
+        self.llm.reset_prefix_cache()
+        return {"seconds": time.perf_counter() - start, "bytes": received[0]}
 
     def shutdown(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)

@@ -1,15 +1,65 @@
-"""Weight sync, trainer -> engines. This file is the vLLM side: a worker extension, in the
-spirit of OpenRLHF's vllm_worker_wrap.py, that loads full HF-named weights in place.
+"""Weight sync, trainer -> engines, two ways:
 
-vLLM mixes this class into every worker (`LLM(worker_extension_cls=...)`), so its methods run on
-each tensor-parallel rank with `self.model_runner` at hand; `collective_rpc(name)` calls them.
+- object_store: trainer rank 0 packs the full state dict (safetensors bytes) into Ray's object
+  store; every engine fetches it and reloads in place. Simple, works anywhere.
+- broadcast: trainer rank 0 and every engine worker (each TP rank) share one torch.distributed
+  group made only for this (gloo on CPU, NCCL on GPU; it never touches Ray Train's or vLLM's
+  groups). Weights go in flat dtype-grouped buckets; the engines get the bucket plan once per
+  sync and stream each received bucket straight into vLLM's in-place reload.
+
+`WeightReceiver` is the vLLM side, in the spirit of OpenRLHF's vllm_worker_wrap.py: vLLM mixes it
+into every worker (`LLM(worker_extension_cls=...)`), so its methods run on each TP rank with
+`self.model_runner` at hand; `collective_rpc(name)` calls them.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import ray
 import torch
+import torch.distributed as dist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+# (HF name, shape, dtype name) per tensor; a bucket is a list of them with one dtype.
+Spec = tuple[str, tuple[int, ...], str]
+
+
+def plan_buckets(specs: list[Spec], bucket_bytes: int) -> list[list[Spec]]:
+    """Consecutive tensors of one dtype, up to bucket_bytes per bucket (a bigger tensor goes alone).
+    Keeping the model's order keeps each layer's tensors together, which vLLM's layerwise reload
+    wants: it processes a layer as soon as all of its weights have arrived."""
+    buckets: list[list[Spec]] = []
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * torch.empty(0, dtype=getattr(torch, spec[2])).element_size()
+        if not buckets or buckets[-1][0][2] != spec[2] or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(spec)
+        size += nbytes
+    return buckets
+
+
+def weight_group(master: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.ProcessGroup:
+    """A process group of its own (TCPStore rendezvous, no default group touched): rank 0 is
+    trainer rank 0 and hosts the store; ranks 1.. are the engine workers."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master, port, world_size, is_master=rank == 0, timeout=timeout)
+    if torch.cuda.is_available():
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()
 
 
 def pack(state_dict: dict[str, torch.Tensor]) -> bytes:
@@ -40,6 +90,32 @@ class WeightReceiver:
         self._repack_tied_lm_head()
         return len(weights)
 
+    def join_weight_group(self, master: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> int:
+        rank = rank_offset + self.rank  # self.rank: this worker's rank inside its engine (TP)
+        self._weight_group = weight_group(master, port, rank, world_size, timeout_s)
+        return rank
+
+    def receive_weights(self, plan: list[list[Spec]]) -> int:
+        """Receives every bucket of `plan` from trainer rank 0 and reloads in place; returns bytes."""
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        received = 0
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal received
+            for bucket in plan:
+                numel = sum(math.prod(shape) for _, shape, _ in bucket)
+                flat = torch.empty(numel, dtype=getattr(torch, bucket[0][2]), device=device)
+                broadcast(self._weight_group, flat)
+                received += flat.numel() * flat.element_size()
+                offset = 0
+                for name, shape, _ in bucket:
+                    yield name, flat[offset : offset + math.prod(shape)].view(shape)
+                    offset += math.prod(shape)
+
+        self.model_runner.reload_weights(weights_iterator=stream())
+        self._repack_tied_lm_head()
+        return received
+
     def _repack_tied_lm_head(self) -> None:
         """On CPU, vLLM pre-packs each linear weight for its GEMM kernel after loading, and the
         in-place reload re-packs only modules that received tensors. A tied lm_head receives none
@@ -50,3 +126,40 @@ class WeightReceiver:
         tied = any(m is not lm_head and getattr(m, "weight", None) is weight for m in model.modules())
         if weight is not None and tied:
             lm_head.quant_method.process_weights_after_loading(lm_head)
+
+
+class WeightSyncError(RuntimeError):
+    """A sync failed midway; the engines were stopped so none serves half-updated weights."""
+
+
+def connect(trainer: Any, engines: list, tensor_parallel_size: int, timeout_s: float) -> None:
+    """Trainer rank 0 and every engine worker join one weight-sync group (once per job)."""
+    world_size = 1 + len(engines) * tensor_parallel_size
+    master, port = trainer.post("join_weight_group", world_size=world_size, timeout_s=timeout_s)
+    joined = [
+        e.join_weight_group.remote(master, port, 1 + i * tensor_parallel_size, world_size, timeout_s)
+        for i, e in enumerate(engines)
+    ]
+    trainer.collect()
+    ray.get(joined)
+
+
+def sync_weights(method: str, engines: list, trainer: Any, weights: Any, plan: list[list[Spec]]) -> dict[str, float]:
+    """Pushes the trainer's weights into every engine; stops all engines if any part fails."""
+    start = time.perf_counter()
+    try:
+        if method == "object_store":
+            reports = ray.get([e.load_weights.remote(weights) for e in engines])
+        else:
+            received = [e.receive_weights.remote(plan) for e in engines]
+            trainer.post("broadcast_weights", plan=plan)
+            trainer.collect()
+            reports = ray.get(received)
+    except Exception as e:  # noqa: BLE001 - whatever broke, no engine may keep half the new weights
+        for engine in engines:
+            ray.kill(engine)
+        raise WeightSyncError(
+            f"weight sync ({method}) failed midway: {e!r}. All engines were stopped so none serves half-updated "
+            "weights. The trained checkpoint is on disk: rerun the same command to resume."
+        ) from e
+    return {"sync/seconds": time.perf_counter() - start, "sync/bytes": reports[0]["bytes"]}

@@ -39,7 +39,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from transformers.utils import logging as hf_logging
 
 # bump when anything below changes what gets built, so stale caches get rebuilt
-TOY_VERSION = 1
+TOY_VERSION = 2
 
 # ---------------------------------------------------------------------------
 # knobs of the world (chosen so that a build takes well under a minute on 1 core)
@@ -48,7 +48,7 @@ N_TRAIN = 2000  # SFT examples; SPIN samples its prompts from these
 N_EVAL = 500  # held-out examples
 N_DEV = 500  # a third disjoint split, only used to decide when p_0's SFT stops (never saved)
 OPERAND_MIN, OPERAND_MAX = 10, 99  # both operands are 2-digit -> all prompts have the same length
-MAX_POSITIONS = 128
+MAX_POSITIONS = 512  # room for the 128+ token prompts that expose a stale vLLM prefix cache
 
 # p_0's SFT stops as soon as its greedy dev accuracy reaches SFT_TARGET_ACC. Addition is
 # learned in a sudden jump (the carry rule clicks), whose timing varies a lot with the seed

@@ -10,8 +10,10 @@ reference in memory, without a reload from disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -25,6 +27,7 @@ import torch
 from spin_ray.config import Config
 from spin_ray.data import pad_pairs
 from spin_ray.loss import sequence_logps, spin_loss, spin_metrics
+from spin_ray.sync import Spec, broadcast, pack, weight_group
 
 
 @ray.remote(num_cpus=0)
@@ -71,11 +74,13 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
-    """Linear warmup then linear decay to 0, over one iteration's optimizer steps."""
+def lr_at(step: int, total: int, peak: float, warmup_ratio: float, schedule: str) -> float:
+    """Linear warmup, then linear decay to 0 or constant, over one iteration's optimizer steps."""
     warmup = math.ceil(total * warmup_ratio)
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
@@ -161,7 +166,7 @@ class SpinWorker:
         torch.distributed.all_reduce(local)
         return dict(zip(keys, (local / self.world_size).tolist(), strict=True))
 
-    def train_iteration(self, iteration: int, shard: ray.data.Dataset, rows_per_rank: int) -> dict[str, Any]:
+    def train(self, iteration: int, shard: ray.data.Dataset, rows_per_rank: int) -> dict[str, Any]:
         """Trains p_{t+1} from p_t on this rank's shard; returns the log lines (rank-averaged)."""
         t = self.cfg.train
         if self.reference is not None:
@@ -174,7 +179,7 @@ class SpinWorker:
         micro = 0
         for epoch in range(t.epochs):
             for rows in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy"):
-                lr = lr_at(micro // t.grad_accum, total_steps, t.lr, t.warmup_ratio)
+                lr = lr_at(micro // t.grad_accum, total_steps, t.lr, t.warmup_ratio, t.schedule)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 window.append(self.step_batch(rows))
@@ -216,19 +221,19 @@ class SpinWorker:
             state = self.engine.module.state_dict()
         return {k: v.detach().cpu() for k, v in state.items()} if self.rank == 0 else None
 
-    def export(self, iteration: int, model_dir: Path) -> dict[str, Any]:
-        """HF checkpoint (rank 0) + weights for the engines (object store) + DeepSpeed checkpoint
-        through Ray Train for resume."""
-        from spin_ray.sync import pack
-
+    def export(self, iteration: int, model_dir: str, pack_weights: bool) -> dict[str, Any]:
+        """HF checkpoint (rank 0), weights for the engines' object-store path, and a DeepSpeed
+        checkpoint through Ray Train for resume."""
         state = self.full_state_dict()
         result: dict[str, Any] = {}
         if self.rank == 0:
-            tmp = model_dir.with_name(model_dir.name + ".tmp")
+            final = Path(model_dir)
+            tmp = final.with_name(final.name + ".tmp")
             self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            tmp.rename(model_dir)  # atomic: a crash never leaves a half-written checkpoint behind
-            result["weights"] = ray.put(pack(state))
+            tmp.rename(final)  # atomic: a crash never leaves a half-written checkpoint behind
+            if pack_weights:
+                result["weights"] = ray.put(pack(state))
         with tempfile.TemporaryDirectory() as ckpt:
             self.engine.save_checkpoint(ckpt, tag=f"iter_{iteration}")
             ray.train.report(
@@ -237,6 +242,43 @@ class SpinWorker:
                 checkpoint_dir_name=f"iter_{iteration}",
             )
         return result
+
+    def weight_specs(self) -> list[Spec]:
+        """(name, full shape, dtype) of every parameter; tied weights appear once."""
+        return [
+            (name, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
+            for name, p in self.engine.module.named_parameters()
+        ]
+
+    def join_weight_group(self, world_size: int, timeout_s: float) -> dict[str, Any]:
+        if self.rank == 0:
+            self.weight_group = weight_group(self.address[0], self.address[1], 0, world_size, timeout_s)
+        return {}
+
+    def broadcast_weights(self, plan: list[list[Spec]]) -> dict[str, Any]:
+        """Rank 0 broadcasts bucket by bucket. Under ZeRO-3 every rank gathers one bucket at a
+        time, so no rank holds more than a bucket beyond its shard."""
+        import deepspeed
+
+        params = dict(self.engine.module.named_parameters())
+        for bucket in plan:
+            tensors = [params[name] for name, _, _ in bucket]
+            gathered = (
+                deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
+                if self.cfg.train.zero_stage == 3
+                else contextlib.nullcontext()
+            )
+            with gathered:
+                if self.rank == 0:
+                    broadcast(self.weight_group, torch.cat([t.detach().reshape(-1) for t in tensors]))
+        return {}
+
+
+def free_address() -> tuple[str, int]:
+    """This node's IP and a free TCP port, for the weight-sync group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -248,18 +290,15 @@ def worker_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.train.num_cpus)))
     rank = ray.train.get_context().get_world_rank()
     worker = SpinWorker(cfg, config["model_path"])
-    ray.get(channel.reply.remote(rank, {"pid": os.getpid()}))
+    worker.address = free_address()
+    ray.get(channel.reply.remote(rank, {"pid": os.getpid(), "address": worker.address}))
     while True:
         task = ray.get(channel.next_task.remote(rank))
-        if task["kind"] == "stop":
+        kind = task.pop("kind")
+        if kind == "stop":
             return
-        if task["kind"] == "train":
-            result = worker.train_iteration(task["iteration"], task["shard"], task["rows_per_rank"])
-        elif task["kind"] == "export":
-            result = worker.export(task["iteration"], Path(task["model_dir"]))
-        elif task["kind"] == "score":
-            result = worker.score(task["shard"])
-        ray.get(channel.reply.remote(rank, result))
+        # Tasks name a SpinWorker method; the coordinator decides what runs, in what order.
+        ray.get(channel.reply.remote(rank, getattr(worker, kind)(**task)))
 
 
 class Trainer:
@@ -285,7 +324,9 @@ class Trainer:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._fit, daemon=True)
         self._thread.start()
-        self.pids = [r["pid"] for r in self._collect()]
+        ready = self.collect()
+        self.pids = [r["pid"] for r in ready]
+        self.address = ready[0]["address"]  # rank 0's, for the weight-sync group
 
     def _fit(self) -> None:
         try:
@@ -293,7 +334,12 @@ class Trainer:
         except BaseException as e:  # noqa: BLE001 - surfaced to the coordinator in _collect
             self._error = e
 
-    def _collect(self) -> list[dict[str, Any]]:
+    def post(self, kind: str, **task: Any) -> tuple[str, int]:
+        """Sends the same task to every rank (see SpinWorker's methods); returns rank 0's address."""
+        self.channel.post.remote([{"kind": kind, **task}] * self.cfg.train.num_workers)
+        return self.address
+
+    def collect(self) -> list[dict[str, Any]]:
         """Waits for every rank's reply, failing fast if the training run died."""
         ref = self.channel.collect.remote()
         while not ray.wait([ref], timeout=2.0)[0]:
@@ -305,14 +351,13 @@ class Trainer:
         """One SPIN iteration of training on `pairs`; equal rows per rank, so equal steps."""
         n = self.cfg.train.num_workers
         total = pairs.count()
-        shards = pairs.split(n, equal=True)
-        rows_per_rank = total // n
         if total % n:
             print(f"[train] dropping {total % n} of {total} pairs so every rank runs the same steps")
+        shards = pairs.split(n, equal=True)
         self.channel.post.remote(
-            [{"kind": "train", "iteration": iteration, "shard": s, "rows_per_rank": rows_per_rank} for s in shards]
+            [{"kind": "train", "iteration": iteration, "shard": s, "rows_per_rank": total // n} for s in shards]
         )
-        return self._collect()[0]
+        return self.collect()[0]
 
     def score(self, pairs: pa.Table) -> dict[str, tuple[float, float]]:
         """{uid: (log p(real), log p(generated))} under the current policy."""
@@ -323,17 +368,19 @@ class Trainer:
         shards = ray.data.from_arrow(padded).split(n, equal=True)
         self.channel.post.remote([{"kind": "score", "shard": s} for s in shards])
         scores = {}
-        for r in self._collect():
+        for r in self.collect():
             scores |= dict(zip(r["uid"], zip(r["real_logps"], r["generated_logps"], strict=True), strict=True))
         return scores
 
-    def export(self, iteration: int, model_dir: Path) -> ray.ObjectRef:
+    def export(self, iteration: int, model_dir: Path, pack_weights: bool = True) -> ray.ObjectRef | None:
         """Writes iteration's HF checkpoint; returns the object-store ref of the packed weights."""
-        self.channel.post.remote(
-            [{"kind": "export", "iteration": iteration, "model_dir": str(model_dir)}] * self.cfg.train.num_workers
-        )
-        return self._collect()[0]["weights"]
+        self.post("export", iteration=iteration, model_dir=str(model_dir), pack_weights=pack_weights)
+        return self.collect()[0].get("weights")
+
+    def weight_specs(self) -> list:
+        self.post("weight_specs")
+        return self.collect()[0]
 
     def stop(self) -> None:
-        self.channel.post.remote([{"kind": "stop"}] * self.cfg.train.num_workers)
+        self.post("stop")
         self._thread.join(timeout=120)

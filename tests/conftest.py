@@ -36,3 +36,20 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pairs(toy):
+    """16 toy pairs whose 'generated' side is another example's answer (a plausible wrong one)."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from spin_ray.data import load_sft
+
+    tok = AutoTokenizer.from_pretrained(toy.model_dir)
+    ex = load_sft(toy.train_path, tok, max_prompt_tokens=64, max_response_tokens=16, max_examples=16)
+    rows = [
+        {"uid": e.uid, "prompt_ids": e.prompt_ids, "real_ids": e.real_ids, "generated_ids": ex[(i + 1) % 16].real_ids}
+        for i, e in enumerate(ex)
+    ]
+    return pa.Table.from_pylist(rows)

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from helpers import hf_greedy, perturbed, prompt_ids
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spin_ray.config import GenerationConfig
@@ -28,28 +29,6 @@ def engines(ray_session, toy):
     for e in handles:
         ray_session.get(e.shutdown.remote())
         ray_session.kill(e)
-
-
-def prompt_ids(tok, question: str, system: str | None = None) -> list[int]:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-
-
-def hf_greedy(model, tok, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    out = []
-    for p in prompts:  # one at a time: no padding effects
-        ids = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False)[0, len(p) :].tolist()
-        out.append(ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids)
-    return out
-
-
-def perturbed(toy, seed: int, scale: float = 0.05):
-    model = AutoModelForCausalLM.from_pretrained(toy.model_dir, dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def test_stream_200_prompts_over_two_engines(engines, tok, ray_session):
@@ -102,7 +81,7 @@ def test_hot_swap_matches_hf_greedy_of_new_weights(engines, tok, toy, ray_sessio
         return ray_session.get(engine.generate.remote(batch, greedy=True))["generated_ids"]
 
     before = engine_greedy()  # also fills the prefix cache with blocks of the old weights
-    new = perturbed(toy, seed=1)
+    new = perturbed(toy.model_dir, seed=1)
     report = ray_session.get(engine.load_weights.remote(pack(new.state_dict())))
     assert report["bytes"] > 100_000 and report["seconds"] > 0
     after = engine_greedy()
@@ -116,7 +95,7 @@ def test_bf16_engine_takes_fp32_weights(ray_session, toy, tok):
     (engine,) = start_engines(str(toy.model_dir), "bfloat16", cfg, MAX_LEN, seed=0)
     try:
         old = AutoModelForCausalLM.from_pretrained(toy.model_dir, dtype=torch.float32).eval()
-        new = perturbed(toy, seed=2, scale=0.2)
+        new = perturbed(toy.model_dir, seed=2, scale=0.2)
         prompts = [prompt_ids(tok, f"{a}+{b}=") for a, b in [(12, 34), (56, 78), (90, 11), (23, 45)]]
         responses = [tok.encode(f"{a}<|end|>", add_special_tokens=False) for a in (46, 134, 101, 68)]
 

@@ -6,61 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from spin_ray.config import load_config
-from spin_ray.data import load_sft, pad_pairs
-from spin_ray.loss import sequence_logps
-from spin_ray.training import Trainer
-
-
-@pytest.fixture(scope="module")
-def pairs(toy) -> pa.Table:
-    """16 toy pairs whose 'generated' side is another example's answer (a plausible wrong one)."""
-    tok = AutoTokenizer.from_pretrained(toy.model_dir)
-    ex = load_sft(toy.train_path, tok, max_prompt_tokens=64, max_response_tokens=16, max_examples=16)
-    return pa.Table.from_pylist(
-        [
-            {
-                "uid": e.uid,
-                "prompt_ids": e.prompt_ids,
-                "real_ids": e.real_ids,
-                "generated_ids": ex[(i + 1) % 16].real_ids,
-            }
-            for i, e in enumerate(ex)
-        ]
-    )
-
-
-def hf_logps(model_dir, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = table.to_pylist()
-    batch = pad_pairs(
-        [r["prompt_ids"] for r in rows] * 2,
-        [r["real_ids"] for r in rows] + [r["generated_ids"] for r in rows],
-        pad_id=0,
-    )
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"]).numpy()
-    return logps[: len(rows)], logps[len(rows) :]
-
-
-def make_trainer(toy, tmp_path, *overrides):
-    cfg = load_config(
-        None,
-        [
-            f"run.output_dir={tmp_path}",
-            "train.num_workers=2",
-            "train.batch_size=8",
-            "train.log_every=1",
-            "train.lr=1e-3",
-            "train.optimizer=adamw",
-            *overrides,
-        ],
-    )
-    return Trainer(cfg, str(toy.model_dir))
+from helpers import hf_logps, make_trainer
 
 
 def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs, tmp_path):

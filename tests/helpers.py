@@ -1,0 +1,66 @@
+"""Shared test helpers: HF reference computations and small factories."""
+
+import numpy as np
+import pyarrow as pa
+import torch
+from transformers import AutoModelForCausalLM
+
+from spin_ray.config import load_config
+from spin_ray.data import pad_pairs
+from spin_ray.loss import sequence_logps
+from spin_ray.training import Trainer
+
+
+def prompt_ids(tok, question: str, system: str | None = None) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def hf_greedy(model, tok, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """HF greedy decoding, one prompt at a time (no padding effects), cut after EOS like vLLM."""
+    out = []
+    for p in prompts:
+        ids = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False)[0, len(p) :].tolist()
+        out.append(ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids)
+    return out
+
+
+def perturbed(model_dir, seed: int, scale: float = 0.05):
+    """The model with seeded noise on every weight: 'new weights' for a hot-swap."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def hf_logps(model_dir, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Summed response log-probs of (real, generated) per pair under an HF checkpoint."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = table.to_pylist()
+    batch = pad_pairs(
+        [r["prompt_ids"] for r in rows] * 2,
+        [r["real_ids"] for r in rows] + [r["generated_ids"] for r in rows],
+        pad_id=0,
+    )
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"]).numpy()
+    return logps[: len(rows)], logps[len(rows) :]
+
+
+def make_trainer(toy, out_dir, *overrides: str) -> Trainer:
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={out_dir}",
+            "train.num_workers=2",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.lr=1e-3",
+            "train.optimizer=adamw",
+            *overrides,
+        ],
+    )
+    return Trainer(cfg, str(toy.model_dir))
