@@ -41,7 +41,12 @@ class Tracker:
 
     def finish(self) -> None:
         if self.run is not None:
+            import wandb
+
             self.run.finish()
+            # Stop W&B's service process now: at actor exit Ray kills it before wandb's atexit hook
+            # can say goodbye, which prints a ConnectionResetError traceback.
+            wandb.teardown()
 
 
 def _run_id(output_dir: Path) -> str:
