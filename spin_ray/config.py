@@ -98,7 +98,7 @@ class TrainConfig(Section):
 
 class SyncConfig(Section):
     method: Literal["object_store", "broadcast"] = Field("object_store", description="Weight transfer path.")
-    bucket_mb: float = Field(256, gt=0, description="Bucket size of the broadcast path, in MiB.")
+    bucket_mb: float = Field(32, gt=0, description="Bucket size of the broadcast path, in MiB.")
     timeout_s: float = Field(600, gt=0, description="A broadcast that stalls this long fails the sync.")
 
 

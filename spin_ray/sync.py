@@ -14,9 +14,11 @@ into every worker (`LLM(worker_extension_cls=...)`), so its methods run on each 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any
 
@@ -56,10 +58,32 @@ def weight_group(master: str, port: int, rank: int, world_size: int, timeout_s: 
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
-def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
+def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> dist.Work:
+    """Starts a broadcast from rank 0 and returns at once; `.wait()` on the result finishes it."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    group.broadcast([tensor], opts).wait()
+    return group.broadcast([tensor], opts)
+
+
+def send_buckets(
+    group: dist.ProcessGroup | None,
+    plan: list[list[Spec]],
+    params: dict[str, torch.Tensor],
+    gather: Callable[[list[torch.Tensor]], AbstractContextManager] = lambda _: contextlib.nullcontext(),
+) -> None:
+    """The sending side of `WeightReceiver.receive_weights`: one flat broadcast per bucket.
+    `gather` makes a bucket's full tensors visible (ZeRO-3); only the rank with a group sends.
+    Bucket i+1 is gathered and flattened while bucket i is on the wire."""
+    in_flight = None
+    for bucket in plan:
+        tensors = [params[name] for name, _, _ in bucket]
+        with gather(tensors):
+            flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if group is not None else None
+        if in_flight is not None:
+            in_flight.wait()
+        in_flight = broadcast(group, flat) if group is not None else None
+    if in_flight is not None:
+        in_flight.wait()
 
 
 def pack(state_dict: dict[str, torch.Tensor]) -> bytes:
@@ -100,12 +124,20 @@ class WeightReceiver:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         received = 0
 
+        def receive(bucket: list[Spec]) -> tuple[torch.Tensor, dist.Work]:
+            numel = sum(math.prod(shape) for _, shape, _ in bucket)
+            flat = torch.empty(numel, dtype=getattr(torch, bucket[0][2]), device=device)
+            return flat, broadcast(self._weight_group, flat)
+
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            # Bucket i+1 arrives while vLLM processes bucket i.
             nonlocal received
-            for bucket in plan:
-                numel = sum(math.prod(shape) for _, shape, _ in bucket)
-                flat = torch.empty(numel, dtype=getattr(torch, bucket[0][2]), device=device)
-                broadcast(self._weight_group, flat)
+            pending = receive(plan[0])
+            for i, bucket in enumerate(plan):
+                flat, work = pending
+                work.wait()
+                if i + 1 < len(plan):
+                    pending = receive(plan[i + 1])
                 received += flat.numel() * flat.element_size()
                 offset = 0
                 for name, shape, _ in bucket:

@@ -27,7 +27,7 @@ import torch
 from spin_ray.config import Config
 from spin_ray.data import pad_pairs
 from spin_ray.loss import sequence_logps, spin_loss, spin_metrics
-from spin_ray.sync import Spec, broadcast, pack, weight_group
+from spin_ray.sync import Spec, pack, send_buckets, weight_group
 
 
 @ray.remote(num_cpus=0)
@@ -260,17 +260,13 @@ class SpinWorker:
         time, so no rank holds more than a bucket beyond its shard."""
         import deepspeed
 
-        params = dict(self.engine.module.named_parameters())
-        for bucket in plan:
-            tensors = [params[name] for name, _, _ in bucket]
-            gathered = (
-                deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
-                if self.cfg.train.zero_stage == 3
-                else contextlib.nullcontext()
-            )
-            with gathered:
-                if self.rank == 0:
-                    broadcast(self.weight_group, torch.cat([t.detach().reshape(-1) for t in tensors]))
+        def gather(tensors: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+            if self.cfg.train.zero_stage == 3:
+                return deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
+            return contextlib.nullcontext()
+
+        group = self.weight_group if self.rank == 0 else None
+        send_buckets(group, plan, dict(self.engine.module.named_parameters()), gather)
         return {}
 
 
