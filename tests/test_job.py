@@ -183,6 +183,9 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
                 f"data.max_examples={N_PROMPTS}",
                 f"run.output_dir={out}",
                 "run.wandb_mode=disabled",
+                # the reference and sync paths the in-process run above does not take
+                "spin.reference=engines",
+                "sync.method=broadcast",
             ],
             env=env,
             capture_output=True,
@@ -193,6 +196,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
         assert "succeeded" in proc.stdout
         summary = json.loads((out / "summary.json").read_text())
         assert summary["engine_starts"] == 1 and len(summary["history"]) == 3
+        assert all(row["sync/bytes"] > 100_000 for row in summary["history"][1:])
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # stop our head by its process group, never `ray stop`
         head.wait(timeout=60)
