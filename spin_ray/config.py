@@ -50,7 +50,9 @@ class GenerationConfig(Section):
     max_tokens: int = Field(256, gt=0, description="Most new tokens per generated response.")
     num_engines: int = Field(1, gt=0, description="Long-lived vLLM engine actors.")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine (ignored on CPU).")
-    num_gpus: float = Field(0, ge=0, description="GPUs per engine actor; 0 runs vLLM on CPU.")
+    num_gpus: float = Field(
+        0, ge=0, description="GPUs per tensor-parallel rank (an engine asks for TP x this); 0 = CPU."
+    )
     num_cpus: float = Field(0.5, gt=0, description="Logical CPUs per engine actor.")
     resource: str | None = Field(
         None, description="Custom Ray resource each engine asks 1 of, to land on generation nodes."

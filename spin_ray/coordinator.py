@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from spin_ray.config import Config
 from spin_ray.data import Example, load_sft
-from spin_ray.generation import sample_seed, start_engines, through_engines
+from spin_ray.generation import launch_engines, sample_seed, through_engines, wait_ready
 from spin_ray.sync import connect, plan_buckets, sync_weights
 from spin_ray.tracking import Tracker
 from spin_ray.training import Trainer
@@ -107,47 +107,50 @@ class Coordinator:
         (self.out / "config.yaml").write_text(cfg.to_yaml())
 
     def run(self) -> dict[str, Any]:
-        cfg, out = self.cfg, self.out
+        """SPIN (Chen et al. 2024, Algorithm 1), one iteration per loop turn."""
+        cfg = self.cfg
         start, model_path, step = self._resume_point()
-        tracker = Tracker(cfg, out)
-        engines = start_engines(model_path, cfg.model.dtype, cfg.generation, self.p.max_model_len, cfg.run.seed)
+        self.tracker = Tracker(cfg, self.out)
+        engines, trainer, plan = self._start(model_path)
+        history = [{"iteration": start - 1, **self.evaluate(engines)}]  # the model we start from
+        self.tracker.log(history[0], step=step)
+        for t in range(start, cfg.spin.iterations):
+            print(f"\n===== SPIN iteration {t + 1}/{cfg.spin.iterations} =====", flush=True)
+            tick = time.perf_counter()
+            gen = self.generate(t, engines)  # y' ~ p_t(.|x) for every prompt x, on disk
+            pairs = self.training_set(t, engines)  # (x, y, y') of iterations t, t-1, ...
+            train = trainer.train(t, pairs)  # p_{t+1}: prefer y over y', against reference p_t
+            weights = trainer.export(t, self.out / f"iter_{t}" / "model", cfg.sync.method == "object_store")
+            step = self._record_training(t, train, step)  # checkpoint + DONE: the resume point
+            sync = sync_weights(cfg.sync.method, engines, trainer, weights, plan)  # engines serve p_{t+1}
+            evaluation = self.evaluate(engines)  # held-out metrics of p_{t+1}
+            history.append(self._record_iteration(t, step, gen, train, sync, evaluation, tick))
+        trainer.stop()
+        for e in engines:
+            ray.get(e.shutdown.remote())
+        self.tracker.finish()
+        summary = {
+            "engine_starts": len(engines),
+            "trainer_pids": trainer.pids,
+            "history": history,
+            "output_dir": str(self.out.resolve()),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _start(self, model_path: str) -> tuple[list, Trainer, list]:
+        """Engines and trainer, started side by side (each takes tens of seconds), and the
+        weight-sync group between them."""
+        cfg = self.cfg
+        engines = launch_engines(model_path, cfg.model.dtype, cfg.generation, self.p.max_model_len, cfg.run.seed)
         trainer = Trainer(cfg, model_path)
+        wait_ready(engines, cfg.generation)
         plan = []
         if cfg.sync.method == "broadcast":
             tp = cfg.generation.tensor_parallel_size if cfg.generation.num_gpus else 1
             connect(trainer, engines, tp, cfg.sync.timeout_s)
             plan = plan_buckets(trainer.weight_specs(), int(cfg.sync.bucket_mb * 2**20))
-        history = [{"iteration": start - 1, **self.evaluate(engines)}]
-        tracker.log(history[0], step=step)
-        for t in range(start, cfg.spin.iterations):
-            print(f"\n===== SPIN iteration {t + 1}/{cfg.spin.iterations} =====", flush=True)
-            tick = time.perf_counter()
-            gen = self.generate(t, engines)  # y' ~ p_t(.|x) for every prompt x
-            pairs = self.training_set(t, engines)  # (x, y, y') of iterations t, t-1, ...
-            train = trainer.train(t, pairs)  # p_{t+1}: prefer y over y', ref p_t
-            weights = trainer.export(t, out / f"iter_{t}" / "model", cfg.sync.method == "object_store")
-            for line in train["logs"]:
-                metrics = {f"train/{k}": v for k, v in line.items() if k not in ("step", "iteration")}
-                tracker.log({"iteration": t} | metrics, step=step + line["step"])
-            step += train["steps"]
-            (out / f"iter_{t}" / "DONE").write_text(json.dumps({"global_step": step}))  # resume point
-            sync = sync_weights(cfg.sync.method, engines, trainer, weights, plan)  # engines serve p_{t+1}
-            evaluation = self.evaluate(engines)
-            row = {"iteration": t, "global_step": step, **self._iteration_metrics(gen, train, sync, evaluation, tick)}
-            tracker.log(row, step=step)
-            history.append(row)
-        trainer.stop()
-        for e in engines:
-            ray.get(e.shutdown.remote())
-        tracker.finish()
-        summary = {
-            "engine_starts": len(engines),
-            "trainer_pids": trainer.pids,
-            "history": history,
-            "output_dir": str(out.resolve()),
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        return engines, trainer, plan
 
     def _resume_point(self) -> tuple[int, str, int]:
         """The first iteration without a DONE marker, the model it starts from, the global step."""
@@ -213,19 +216,33 @@ class Coordinator:
             metrics["eval/accuracy"] = toy_accuracy(prompts, [generated[e.uid] for e in self.p.eval])
         return metrics
 
-    def _iteration_metrics(self, gen: dict, train: dict, sync: dict, evaluation: dict, tick: float) -> dict[str, float]:
+    def _record_training(self, t: int, train: dict[str, Any], step: int) -> int:
+        """Logs the training lines and marks iteration t trained; returns the new global step."""
+        for line in train["logs"]:
+            metrics = {f"train/{k}": v for k, v in line.items() if k not in ("step", "iteration")}
+            self.tracker.log({"iteration": t} | metrics, step=step + line["step"])
+        step += train["steps"]
+        (self.out / f"iter_{t}" / "DONE").write_text(json.dumps({"global_step": step}))
+        return step
+
+    def _record_iteration(
+        self, t: int, step: int, gen: dict, train: dict, sync: dict, evaluation: dict, tick: float
+    ) -> dict[str, Any]:
         logs = train["logs"]
-        mean = (
-            {k: float(np.mean([line[k] for line in logs])) for k in logs[0] if "/" in k or k == "loss"} if logs else {}
-        )
-        return (
-            gen
-            | sync
-            | {f"train/{k}": v for k, v in mean.items()}
-            | {"train/seconds": train["seconds"]}
-            | evaluation
-            | {"time/iteration_s": time.perf_counter() - tick}
-        )
+        keys = [k for k in (logs[0] if logs else {}) if "/" in k or k == "loss"]
+        means = {f"train/{k}": float(np.mean([line[k] for line in logs])) for k in keys}
+        row = {
+            "iteration": t,
+            "global_step": step,
+            **gen,
+            **sync,
+            **means,
+            "train/seconds": train["seconds"],
+            **evaluation,
+            "time/iteration_s": time.perf_counter() - tick,
+        }
+        self.tracker.log(row, step=step)
+        return row
 
 
 def run_job(cfg: Config, prepared: Prepared) -> dict[str, Any]:

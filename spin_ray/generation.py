@@ -122,6 +122,13 @@ class Engine:
 
 def start_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int) -> list:
     """Creates cfg.num_engines engine actors; returns their handles once all are ready."""
+    engines = launch_engines(model_path, dtype, cfg, max_model_len, seed)
+    wait_ready(engines, cfg)
+    return engines
+
+
+def launch_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int) -> list:
+    """Creates the engine actors and returns at once (they load in the background)."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if cfg.num_gpus == 0:
         # In-process engine: half the memory and start-up of multiprocess mode on CPU; one OMP
@@ -138,7 +145,11 @@ def start_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_
         # One call at a time (the default): `LLM` is not thread-safe. Queued batches wait in the
         # actor's mailbox, so the engine never idles between them.
     )
-    engines = [actor.remote(model_path, dtype, cfg, max_model_len, seed + i) for i in range(cfg.num_engines)]
+    return [actor.remote(model_path, dtype, cfg, max_model_len, seed + i) for i in range(cfg.num_engines)]
+
+
+def wait_ready(engines: list, cfg: GenerationConfig) -> None:
+    """Blocks until every engine is up; names the resources when the cluster can't place them."""
     pending = [e.ready.remote() for e in engines]
     _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=cfg.start_timeout_s)
     if not_ready:
@@ -149,7 +160,6 @@ def start_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_
             "Fix generation.* (or wait for the autoscaler: raise generation.start_timeout_s)."
         )
     ray.get(pending)  # re-raises an engine's start-up error with its traceback
-    return engines
 
 
 def _route(batch: pa.Table, engines: list, method: str, kwargs: dict) -> pa.Table:
