@@ -188,10 +188,24 @@ def sync_weights(method: str, engines: list, trainer: Any, weights: Any, plan: l
             trainer.collect()
             reports = ray.get(received)
     except Exception as e:  # noqa: BLE001 - whatever broke, no engine may keep half the new weights
-        for engine in engines:
-            ray.kill(engine)
+        _stop(engines)
         raise WeightSyncError(
             f"weight sync ({method}) failed midway: {e!r}. All engines were stopped so none serves half-updated "
             "weights. The trained checkpoint is on disk: rerun the same command to resume."
         ) from e
     return {"sync/seconds": time.perf_counter() - start, "sync/bytes": reports[0]["bytes"]}
+
+
+def _stop(engines: list, timeout_s: float = 60) -> None:
+    """Kills the engines and returns once none of them answers any more (ray.kill is async, and
+    a call sent meanwhile could still be served by a half-updated engine)."""
+    for engine in engines:
+        ray.kill(engine, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    for engine in engines:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(engine.ready.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.2)

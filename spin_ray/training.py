@@ -162,7 +162,8 @@ class SpinWorker:
 
     def _mean_over_ranks(self, metrics: list[dict[str, float]]) -> dict[str, float]:
         keys = sorted(metrics[0])
-        local = torch.tensor([[m[k] for k in keys] for m in metrics]).mean(0)
+        # On the engine's device: NCCL reduces only GPU tensors.
+        local = torch.tensor([[m[k] for k in keys] for m in metrics], device=self.engine.device).mean(0)
         torch.distributed.all_reduce(local)
         return dict(zip(keys, (local / self.world_size).tolist(), strict=True))
 

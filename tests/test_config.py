@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from spin_ray.config import Config, ConfigError, load_config, reference_markdown
@@ -74,3 +76,8 @@ def test_reference_lists_every_key():
         "run.seed",
     ):
         assert f"`{key}`" in table
+
+
+def test_readme_config_reference_is_current():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate README's table: python -m spin_ray.config"
