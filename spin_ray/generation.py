@@ -36,6 +36,11 @@ class Engine:
         kwargs: dict[str, Any] = {}
         if on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+            # A prompt prefilled over two steps makes vLLM 0.32 rewind the request's seeded
+            # generator, which CPU generators can't ("CPU Generator does not use offset"): prefill
+            # whole prompts only. Every prompt still fits one step's token budget.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
         else:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size

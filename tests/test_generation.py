@@ -23,7 +23,7 @@ def tok(toy):
 
 @pytest.fixture(scope="module")
 def engines(ray_session, toy):
-    cfg = GenerationConfig(num_engines=2, temperature=0.0, max_tokens=8, batch_size=16, kv_cache_gib=0.25)
+    cfg = GenerationConfig(num_engines=2, temperature=1.0, max_tokens=8, batch_size=16, kv_cache_gib=0.25)
     handles = start_engines(str(toy.model_dir), "float32", cfg, MAX_LEN, seed=0)
     yield cfg, handles
     for e in handles:
@@ -45,6 +45,20 @@ def test_stream_200_prompts_over_two_engines(engines, tok, ray_session):
         assert r["generated_tokens"] == len(ids) and r["prompt_tokens"] == len(r["prompt_ids"])
         assert ids[-1] == tok.eos_token_id or len(ids) == cfg.max_tokens  # stops at EOS
         assert r["generated"] == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_seeded_sampling_of_long_prompts_on_cpu(engines, tok):
+    """256 prompts of 128+ tokens overflow one scheduler step: vLLM 0.32 would split a prefill and
+    crash seeded CPU sampling ("CPU Generator does not use offset") without whole-prompt prefill."""
+    cfg, handles = engines
+    system = "You are a careful calculator. " * 5
+    rows = [
+        {"uid": f"l{i}", "prompt_ids": prompt_ids(tok, f"{10 + i % 90}+{i % 77 + 10}=", system), "seed": i}
+        for i in range(260)
+    ]
+    assert min(len(r["prompt_ids"]) for r in rows) >= 128
+    out = through_engines(pa.Table.from_pylist(rows), handles[:1], cfg.model_copy(update={"batch_size": 256}))
+    assert sorted(r["uid"] for r in out.take_all()) == sorted(r["uid"] for r in rows)
 
 
 def test_score_matches_hf(engines, tok, toy, ray_session):
