@@ -3,11 +3,11 @@
 1. Tokens/s of `through_engines` over one engine actor vs a plain `vllm.LLM.generate` in this
    process, on the same prompt ids, seeds and sampling settings, for several
    `generation.batch_size` values. Goal: streaming >= 0.95x plain.
-2. Seconds of `engine.load_weights.remote(pack(state_dict))` (object-store path) vs model size.
+2. Seconds of `engine.load_weights.remote(pack(state_dict))` (the object-store path) vs model size.
 
-    python benchmarks/generation.py [--prompts 512] [--new-tokens 64] [--batch-sizes 64,256,512]
+    python benchmarks/generation.py [--prompts 320] [--new-tokens 64] [--batch-sizes 64,256,320]
 
-Models are random tiny Llamas built here with the toy tokenizer; nothing comes from the hub.
+Models are random Llamas built here with the toy tokenizer; nothing comes from the hub.
 """
 
 import os
@@ -22,120 +22,93 @@ os.environ.update(
         "TOKENIZERS_PARALLELISM": "false",
     }
 )
+os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # else 4 log lines per Ray Data run around the table
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from models import make_llama  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from spin_ray.config import GenerationConfig  # noqa: E402
 from spin_ray.generation import sample_seed  # noqa: E402
 from spin_ray.toy import make_tokenizer  # noqa: E402
 
-MAX_MODEL_LEN = 256  # prompts of <= 48 tokens + up to 128 new ones fit
-KV_CACHE_GIB = 1.0
+MAX_MODEL_LEN = 256  # >= prompt + new tokens
+PROMPT_TOKENS = (16, 48)  # varied prompt lengths, as in real data
 
-
-def make_model(out_dir: Path, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int) -> int:
-    """Saves a random fp32 Llama + the toy tokenizer to out_dir; returns its size in bytes."""
-    tok = make_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,  # vLLM's CPU attention takes 32 or 64, not 16
-        max_position_embeddings=MAX_MODEL_LEN,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        dtype="float32",
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+# Fewer KV heads than heads: all 256 sequences' KV cache fits in 1 GiB.
+GEN_MODEL = dict(
+    hidden_size=512,
+    num_hidden_layers=8,
+    intermediate_size=1536,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=MAX_MODEL_LEN,
+)  # ~24M params, 97 MB fp32
+SWAP_MODELS = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=384, num_attention_heads=2),  # ~1.8 MB
+    "gen": GEN_MODEL,  # ~97 MB
+    "large": dict(
+        hidden_size=1024, num_hidden_layers=8, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4
+    ),  # ~360 MB
+}
 
 
 def make_prompts(n: int, vocab: int, seed: int = 0) -> pa.Table:
-    """n prompts of 16-48 random token ids (lengths vary, as in real data), one seed each."""
+    """n prompts of random token ids and varied lengths, with the per-row seeds the job uses."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(16, 49, (n,), generator=g).tolist()
+    lengths = torch.randint(PROMPT_TOKENS[0], PROMPT_TOKENS[1] + 1, (n,), generator=g).tolist()
     # Skip the 7 special tokens at the start of the toy vocab so prompts hold no BOS/EOS.
     ids = [torch.randint(7, vocab, (k,), generator=g).tolist() for k in lengths]
     uids = [f"p{i}" for i in range(n)]
     return pa.table({"uid": uids, "prompt_ids": ids, "seed": [sample_seed(0, 0, u) for u in uids]})
 
 
-def plain_vllm(model_dir: Path, prompts: pa.Table, cfg: GenerationConfig, batch_sizes: list[int]) -> dict:
-    """Tokens/s of vllm.LLM in this process: all prompts in one call, and in chunks of each batch size."""
-    from vllm import LLM, SamplingParams, TokensPrompt
+def local_engine(model_dir: Path, cfg: GenerationConfig) -> Any:
+    """The engine class the actors run, built in this process: its vllm.LLM is the plain baseline,
+    so the two paths can't drift apart in settings."""
+    from spin_ray.generation import Engine
 
-    # Exactly the arguments Engine.__init__ passes on CPU.
-    llm = LLM(
-        model=str(model_dir),
-        dtype="float32",
-        seed=0,
-        max_model_len=MAX_MODEL_LEN,
-        enforce_eager=cfg.enforce_eager,
-        worker_extension_cls="spin_ray.sync.WeightReceiver",
-        kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
-    )
-    # ... and exactly the requests Engine.generate makes.
+    return Engine(str(model_dir), "float32", cfg, MAX_MODEL_LEN, seed=0)
+
+
+def plain_run(local: Any, prompts: pa.Table, cfg: GenerationConfig, chunk: int) -> tuple[float, int]:
+    """(seconds, generated tokens) of plain vllm.LLM.generate over the prompts, `chunk` per call."""
+    from vllm import SamplingParams, TokensPrompt
+
+    # Exactly the requests Engine.generate makes: same ids, same sampling, same per-row seeds.
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts["prompt_ids"].to_pylist()]
     params = [
         SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=s)
         for s in prompts["seed"].to_pylist()
     ]
-
-    def run(chunk: int) -> tuple[float, int]:
-        start, tokens = time.perf_counter(), 0
-        for i in range(0, len(requests), chunk):
-            outputs = llm.generate(requests[i : i + chunk], params[i : i + chunk], use_tqdm=False)
-            tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-        return time.perf_counter() - start, tokens
-
-    run(32)  # warm-up: first-call allocations, kernel selection
-    results = {"all": run(len(requests))}
-    for bs in batch_sizes:
-        results[bs] = run(bs)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    return results
+    start, tokens = time.perf_counter(), 0
+    for i in range(0, len(requests), chunk):
+        outputs = local.llm.generate(requests[i : i + chunk], params[i : i + chunk], use_tqdm=False)
+        tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+    return time.perf_counter() - start, tokens
 
 
-def streaming(model_dir: Path, prompts: pa.Table, cfg: GenerationConfig, batch_sizes: list[int]) -> dict:
-    """Tokens/s of through_engines over one engine actor, per generation.batch_size."""
-    import ray
+def stream_run(engines: list, prompts: pa.Table, cfg: GenerationConfig, batch_size: int) -> tuple[float, int]:
+    """(seconds, generated tokens) of the job's path: through_engines, consumed as a stream."""
+    from spin_ray.generation import through_engines
 
-    from spin_ray.generation import start_engines, through_engines
-
-    engines = start_engines(str(model_dir), "float32", cfg, MAX_MODEL_LEN, seed=0)
-
-    def run(table: pa.Table, batch_size: int) -> tuple[float, int]:
-        c = cfg.model_copy(update={"batch_size": batch_size})
-        start, tokens = time.perf_counter(), 0
-        for batch in through_engines(table, engines, c).iter_batches(batch_size=None, batch_format="pyarrow"):
-            tokens += sum(batch["generated_tokens"].to_pylist())
-        return time.perf_counter() - start, tokens
-
-    run(prompts.slice(0, 32), 32)  # warm-up: the engine's first batch and Ray Data's first plan
-    results = {bs: run(prompts, bs) for bs in batch_sizes}
-    ray.get(engines[0].shutdown.remote())
-    ray.kill(engines[0])
-    return results
+    cfg = cfg.model_copy(update={"batch_size": batch_size})
+    start, tokens = time.perf_counter(), 0
+    for batch in through_engines(prompts, engines, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
+        tokens += sum(batch["generated_tokens"].to_pylist())
+    return time.perf_counter() - start, tokens
 
 
-def hot_swap(model_dir: Path, cfg: GenerationConfig, repeats: int = 3) -> dict:
+def hot_swap(model_dir: Path, cfg: GenerationConfig, repeats: int = 3) -> dict[str, float]:
     """Median seconds to pack + push + load full weights into a running engine."""
     import ray
 
@@ -149,7 +122,7 @@ def hot_swap(model_dir: Path, cfg: GenerationConfig, repeats: int = 3) -> dict:
         start = time.perf_counter()
         payload = pack(state)
         packed = time.perf_counter()
-        reply = ray.get(engine.load_weights.remote(payload))  # bytes go through the object store
+        reply = ray.get(engine.load_weights.remote(payload))  # bytes this large go via the object store
         totals.append(time.perf_counter() - start)
         packs.append(packed - start)
         engine_side.append(reply["seconds"])
@@ -163,74 +136,93 @@ def hot_swap(model_dir: Path, cfg: GenerationConfig, repeats: int = 3) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch-sizes", default="64,256,512", help="generation.batch_size values to try")
-    ap.add_argument("--skip-swap-large", action="store_true", help="skip the ~360 MB hot-swap model")
-    args = ap.parse_args()
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    t_start = time.perf_counter()
+def benchmark(args: argparse.Namespace, root: Path) -> None:
+    import ray
 
-    root = Path(tempfile.mkdtemp(prefix="spin-bench-gen-"))
-    # ~24M params (97 MB fp32): big enough that the model, not Python, sets the pace.
-    gen_dir = root / "gen"
-    gen_bytes = make_model(gen_dir, hidden=512, layers=8, intermediate=1536, heads=8, kv_heads=2)
+    from spin_ray.generation import start_engines
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    gen_bytes = 4 * make_llama(root / "gen", **GEN_MODEL)
     prompts = make_prompts(args.prompts, vocab=len(make_tokenizer()))
-    cfg = GenerationConfig(max_tokens=args.new_tokens, kv_cache_gib=KV_CACHE_GIB)
+    cfg = GenerationConfig(max_tokens=args.new_tokens, kv_cache_gib=1.0)
     print(
-        f"model {gen_bytes / 1e6:.0f} MB fp32, {args.prompts} prompts of 16-48 tokens, up to {args.new_tokens} new "
-        f"tokens, temperature {cfg.temperature}, per-prompt seeds, 1 engine, 1 OMP thread",
+        f"model {gen_bytes / 1e6:.0f} MB fp32 (random, so EOS ends ~1/100 samples per token), {args.prompts} "
+        f"prompts of {PROMPT_TOKENS[0]}-{PROMPT_TOKENS[1]} tokens, <= {args.new_tokens} new tokens, temperature "
+        f"{cfg.temperature}, per-prompt seeds; 1 engine actor vs the same vllm.LLM in the driver, 1 OMP thread each",
         flush=True,
     )
 
-    # Plain first, then the engine: never both at once on 2 cores.
-    plain = plain_vllm(gen_dir, prompts, cfg, batch_sizes)
-
-    import ray
-
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().print_on_execution_start = False
-    stream = streaming(gen_dir, prompts, cfg, batch_sizes)
+    engines = start_engines(str(root / "gen"), "float32", cfg, MAX_MODEL_LEN, seed=0)
+    local = local_engine(root / "gen", cfg)
 
-    plain_s, plain_tok = plain["all"]
-    print(f"\nplain vLLM, all {args.prompts} prompts in one generate(): {plain_tok} tokens in {plain_s:.2f} s")
-    print(f"= {plain_tok / plain_s:.0f} tokens/s\n")
+    # Both exist from here on, but only one generates at a time (2 cores). Machine speed drifts by
+    # ~10% within minutes here, so each streaming run is compared with plain runs made just before it
+    # (one generate() of all prompts: the baseline; and one generate() per batch_size prompts), and
+    # the ratios are the medians over rounds of those neighbours' ratios.
+    plain_run(local, prompts.slice(0, 64), cfg, 64)  # warm-up both
+    stream_run(engines, prompts.slice(0, 64), cfg, 64)
+    n = len(prompts)
+    runs: dict[int, dict[str, list[float]]] = {bs: {"plain": [], "chunked": [], "stream": []} for bs in batch_sizes}
+    tokens: set[int] = set()
+    for _ in range(args.repeats):
+        for bs in batch_sizes:
+            plain = plain_run(local, prompts, cfg, n)
+            chunked = plain_run(local, prompts, cfg, bs) if bs < n else plain
+            stream = stream_run(engines, prompts, cfg, bs)
+            for name, (seconds, tok) in (("plain", plain), ("chunked", chunked), ("stream", stream)):
+                runs[bs][name].append(tok / seconds)
+                tokens.add(tok)
+    local.shutdown()
+    ray.get(engines[0].shutdown.remote())
+    ray.kill(engines[0])
+
+    def ratio(r: dict[str, list[float]], baseline: str) -> float:
+        return statistics.median(s / b for s, b in zip(r["stream"], r[baseline], strict=True))
+
+    print(f"\ntokens generated per run: {sorted(tokens)} (the same work on both paths); tok/s per round:")
     print(
-        f"{'batch_size':>10} | {'stream tok':>10} {'s':>6} {'tok/s':>6} | {'chunked plain tok/s':>19} | "
-        f"{'stream/plain':>12} {'stream/chunked':>14}"
+        f"{'batch_size':>10} | {'plain':>11} | {'chunked plain':>13} | {'stream':>11} | "
+        f"{'stream/plain':>12} | {'stream/chunked':>14}"
     )
-    for bs in batch_sizes:
-        s, tok = stream[bs]
-        cs, ctok = plain[bs]
+    for bs, r in runs.items():
+        plain, chunked, stream = (", ".join(f"{x:.0f}" for x in r[k]) for k in ("plain", "chunked", "stream"))
         print(
-            f"{bs:>10} | {tok:>10} {s:>6.2f} {tok / s:>6.0f} | {ctok / cs:>19.0f} | "
-            f"{(tok / s) / (plain_tok / plain_s):>11.3f}x {(tok / s) / (ctok / cs):>13.3f}x"
+            f"{bs:>10} | {plain:>11} | {chunked:>13} | {stream:>11} | "
+            f"{ratio(r, 'plain'):>11.3f}x | {ratio(r, 'chunked'):>13.3f}x"
         )
-    print("stream/plain: against one generate() of all prompts (the goal is >= 0.95x)")
-    print("stream/chunked: against plain generate() called once per batch_size chunk (Ray's own overhead)")
+    print("plain: one generate() of all prompts, the baseline (goal: stream/plain >= 0.95x)")
+    print("chunked plain: one generate() per batch_size prompts, as the engine gets them (stream/chunked: Ray's cost)")
 
-    # Hot-swap: a ~1 MB model, the generation model (~100 MB), and a ~360 MB one.
-    swap_models = {"tiny": dict(hidden=128, layers=2, intermediate=384, heads=2, kv_heads=2)}
-    swap_dirs = {"tiny": root / "tiny", "gen": gen_dir}
-    if not args.skip_swap_large:
-        swap_models["large"] = dict(hidden=1024, layers=8, intermediate=2816, heads=16, kv_heads=4)
-        swap_dirs["large"] = root / "large"
-    for name, shape in swap_models.items():
-        make_model(swap_dirs[name], **shape)
+    # Hot-swap, one engine per model size, each started and stopped in turn.
     swap_cfg = cfg.model_copy(update={"kv_cache_gib": 0.25})
-    print(f"\nhot-swap: engine.load_weights.remote(pack(state_dict)), median of 3\n{'':>6} | {'MB':>7} | ", end="")
-    print(f"{'pack s':>7} {'total s':>8} {'MB/s':>6} | {'engine s':>8} {'MB/s':>6}")
-    for name, model_dir in swap_dirs.items():
-        r = hot_swap(model_dir, swap_cfg)
+    print(f"\nhot-swap: engine.load_weights.remote(pack(state_dict)), median of 3\n{'model':>6} | {'MB':>7} | ", end="")
+    print(f"{'pack s':>7} {'total s':>8} {'MB/s':>6} | {'engine s':>8} {'MB/s':>6}", flush=True)
+    for name in args.swap_models.split(","):
+        if not (root / name).exists():
+            make_llama(root / name, **SWAP_MODELS[name])
+        r = hot_swap(root / name, swap_cfg)
         print(
             f"{name:>6} | {r['mb']:>7.1f} | {r['pack']:>7.3f} {r['total']:>8.3f} {r['mb'] / r['total']:>6.0f} | "
             f"{r['engine']:>8.3f} {r['mb'] / r['engine']:>6.0f}",
             flush=True,
         )
-    print("total = pack + object store + engine load, seen from the driver; engine = the actor's own timing")
+    print("total = pack + object store + engine load, timed in the driver; engine = the actor's own timing")
     ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=320)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", default="64,256,320", help="generation.batch_size values to try")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of every measurement (ratios: median over rounds)")
+    ap.add_argument("--swap-models", default="tiny,gen,large", help=f"hot-swap models, from {list(SWAP_MODELS)}")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="spin-bench-gen-") as root:  # ~0.5 GB of models
+        benchmark(args, Path(root))
     print(f"\nwall time {time.perf_counter() - t_start:.0f} s")
 
 

@@ -20,37 +20,16 @@ from pathlib import Path
 
 import ray
 import torch
+from models import make_llama
 
 from spin_ray.config import GenerationConfig, SyncConfig
 from spin_ray.generation import start_engines
 from spin_ray.sync import pack, plan_buckets, send_buckets, weight_group
 from spin_ray.training import free_address
 
-# hidden size, layers: 16 * hidden^2 parameters per layer, 4 bytes each in fp32
-SHAPES = {10: (256, 3), 100: (512, 6), 500: (1024, 8)}
+# MB: (hidden size, layers); 16 * hidden^2 parameters per layer, 4 bytes each in fp32
+SHAPES = {size: (hidden, layers) for size, hidden, layers in [(10, 256, 3), (100, 512, 6), (500, 1024, 8)]}
 REPEATS = 3  # best of: first touches of fresh buffers make single runs noisy here
-
-
-def make_model(root: Path, hidden: int, layers: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from spin_ray.toy import make_tokenizer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(make_tokenizer()),
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    path = root / f"llama-{hidden}x{layers}"
-    LlamaForCausalLM(config).save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 @ray.remote(num_cpus=0)
@@ -142,7 +121,17 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
-            rows.append(measure(make_model(Path(tmp), *SHAPES[size]), args.bucket_mb))
+            hidden, layers = SHAPES[size]
+            model_dir = Path(tmp) / f"llama-{size}mb"
+            make_llama(
+                model_dir,
+                hidden_size=hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=hidden // 64,
+                intermediate_size=4 * hidden,
+                tie_word_embeddings=True,
+            )
+            rows.append(measure(model_dir, args.bucket_mb))
     print(f"\nweight sync, 1 engine, fp32, bucket {args.bucket_mb} MiB ({os.cpu_count()} cores, loopback)")
     print(
         f"{'MB':>7} {'object_store s':>15} {'GB/s':>6} {'broadcast s':>12} {'GB/s':>6} {'raw s':>7} {'GB/s':>6}"

@@ -61,7 +61,9 @@ class GenerationConfig(Section):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM GPU memory share.")
     max_model_len: int | None = Field(None, gt=0, description="vLLM max model length (default: prompt+max_tokens).")
     enforce_eager: bool = Field(True, description="Skip graph capture/compile (start-up cost, no gain on CPU).")
-    batch_size: int = Field(64, gt=0, description="Prompts per request to an engine.")
+    batch_size: int = Field(
+        256, gt=0, description="Prompts per request to an engine; >= vLLM's max_num_seqs (256 on CPU, 1024 on H100)."
+    )
     max_in_flight: int = Field(2, gt=0, description="Requests in flight per engine.")
     start_timeout_s: float = Field(900, gt=0, description="Fail if engines are not up by then (resources).")
 

