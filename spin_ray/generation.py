@@ -102,22 +102,22 @@ class Engine:
         return {out: sums[i * n : (i + 1) * n] for i, out in enumerate(columns.values())}
 
     def load_weights(self, payload: bytes) -> dict[str, float]:
-        """Hot-swap: full HF-named weights (safetensors bytes) into every worker, in place."""
-        start = time.perf_counter()
-        self.llm.collective_rpc("load_weights_bytes", args=(payload,))
-        # Cached KV blocks were computed by the old weights; reusing them mixes old and new.
-        self.llm.reset_prefix_cache()
-        return {"seconds": time.perf_counter() - start, "bytes": len(payload)}
+        """Hot-swap, object-store path: full HF-named weights (safetensors bytes), in place."""
+        return self._swap("load_weights_bytes", payload)
 
     def join_weight_group(self, master: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> list:
         return self.llm.collective_rpc("join_weight_group", args=(master, port, rank_offset, world_size, timeout_s))
 
     def receive_weights(self, plan: list) -> dict[str, float]:
-        """Hot-swap over the weight-sync group (broadcast path); see spin_ray.sync."""
+        """Hot-swap, broadcast path: buckets from the weight-sync group; see spin_ray.sync."""
+        return self._swap("receive_weights", plan)
+
+    def _swap(self, method: str, *args: Any) -> dict[str, float]:
         start = time.perf_counter()
-        received = self.llm.collective_rpc("receive_weights", args=(plan,))
+        nbytes = self.llm.collective_rpc(method, args=args)[0]
+        # Cached KV blocks were computed by the old weights; reusing them mixes old and new.
         self.llm.reset_prefix_cache()
-        return {"seconds": time.perf_counter() - start, "bytes": received[0]}
+        return {"seconds": time.perf_counter() - start, "bytes": nbytes}
 
     def shutdown(self) -> None:
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)

@@ -103,7 +103,7 @@ class WeightReceiver:
     model_runner: object  # provided by the vLLM worker this class is mixed into
 
     def load_weights_bytes(self, payload: bytes) -> int:
-        """Reload every tensor of `payload` in place; returns how many were loaded.
+        """Reload every tensor of `payload` in place; returns the bytes received.
 
         `model.load_weights` silently keeps the old weights on CPU after start-up (linear weights
         are repacked); `reload_weights` re-runs the loader's post-processing, so it works on both
@@ -112,7 +112,7 @@ class WeightReceiver:
         weights = load_safetensors(payload)
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
         self._repack_tied_lm_head()
-        return len(weights)
+        return len(payload)
 
     def join_weight_group(self, master: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> int:
         rank = rank_offset + self.rank  # self.rank: this worker's rank inside its engine (TP)

@@ -97,6 +97,7 @@ class SpinWorker:
         self.world_size = torch.distributed.get_world_size()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.address = free_address()  # rank 0's hosts the weight-sync group's rendezvous
         ds_config = deepspeed_config(cfg)
         # Kept alive so from_pretrained loads straight into ZeRO-3 partitions (a 70B model never
         # exists whole on one rank).
@@ -287,7 +288,6 @@ def worker_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.train.num_cpus)))
     rank = ray.train.get_context().get_world_rank()
     worker = SpinWorker(cfg, config["model_path"])
-    worker.address = free_address()
     ray.get(channel.reply.remote(rank, {"pid": os.getpid(), "address": worker.address}))
     while True:
         task = ray.get(channel.next_task.remote(rank))
@@ -347,6 +347,7 @@ class Trainer:
     def train(self, iteration: int, pairs: ray.data.Dataset) -> dict[str, Any]:
         """One SPIN iteration of training on `pairs`; equal rows per rank, so equal steps."""
         n = self.cfg.train.num_workers
+        pairs = pairs.materialize()  # count and split must not run a lazy pipeline (engine scoring) twice
         total = pairs.count()
         if total % n:
             print(f"[train] dropping {total % n} of {total} pairs so every rank runs the same steps")
