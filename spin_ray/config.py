@@ -41,6 +41,9 @@ class DataConfig(Section):
     long_prompts: Literal["error", "skip"] = Field(
         "error", description="What to do with prompts over max_prompt_tokens."
     )
+    dedupe: Literal["none", "records"] = Field(
+        "none", description="Drop exactly equal records (`records`) or keep every record (`none`)."
+    )
     max_examples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
 
 
@@ -66,6 +69,10 @@ class GenerationConfig(Section):
     )
     max_in_flight: int = Field(2, gt=0, description="Requests in flight per engine.")
     start_timeout_s: float = Field(900, gt=0, description="Fail if engines are not up by then (resources).")
+    health_timeout_s: float = Field(
+        60, gt=0, description="An engine that does not answer a health ping this long is replaced."
+    )
+    max_restarts: int = Field(8, ge=0, description="Engine replacements allowed per job, all engines together.")
 
 
 class SpinConfig(Section):
@@ -98,12 +105,15 @@ class TrainConfig(Section):
     num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per training worker.")
     resource: str | None = Field(None, description="Custom Ray resource each worker asks 1 of.")
     log_every: int = Field(10, gt=0, description="Steps between training log lines.")
+    max_restarts: int = Field(3, ge=0, description="Worker-group restarts (a lost worker or node) per job.")
+    start_timeout_s: float = Field(900, gt=0, description="Fail if a worker group is not up by then.")
+    stall_timeout_s: float = Field(1800, gt=0, description="Fail if a train rank shows no progress this long.")
 
 
 class SyncConfig(Section):
     method: Literal["object_store", "broadcast"] = Field("object_store", description="Weight transfer path.")
     bucket_mb: float = Field(32, gt=0, description="Bucket size of the broadcast path, in MiB.")
-    timeout_s: float = Field(600, gt=0, description="A broadcast that stalls this long fails the sync.")
+    timeout_s: float = Field(120, gt=0, description="A broadcast step that stalls this long fails the sync.")
 
 
 class RunConfig(Section):
@@ -113,6 +123,9 @@ class RunConfig(Section):
     wandb_project: str = Field("spin-ray", description="W&B project.")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto = online when WANDB_API_KEY is set, else offline."
+    )
+    allow_config_change: bool = Field(
+        False, description="Resume a run dir whose results-changing settings or data differ (else refused)."
     )
 
 
@@ -131,6 +144,11 @@ class Config(Section):
             raise ValueError("data.train_path is required unless model.path=toy")
         if self.generation.num_gpus == 0 and self.generation.tensor_parallel_size > 1:
             raise ValueError("generation.tensor_parallel_size > 1 needs generation.num_gpus > 0")
+        if self.sync.method == "broadcast" and self.train.use_gpu != (self.generation.num_gpus > 0):
+            raise ValueError(
+                "sync.method=broadcast needs engines and trainer on the same kind of device (NCCL between GPUs, "
+                "gloo between CPUs): set train.use_gpu and generation.num_gpus alike, or use sync.method=object_store"
+            )
         return self
 
     def to_yaml(self) -> str:

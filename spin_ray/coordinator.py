@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from spin_ray.config import Config
 from spin_ray.data import Example, load_sft
-from spin_ray.generation import launch_engines, sample_seed, through_engines, wait_ready
-from spin_ray.sync import connect, plan_buckets, sync_weights
+from spin_ray.generation import sample_seed, through_engines
+from spin_ray.health import Engines
+from spin_ray.resume import check_unchanged, fingerprint, record, resume_point
 from spin_ray.tracking import Tracker
 from spin_ray.training import Trainer
 
@@ -39,6 +40,7 @@ class Prepared:
     eval: list[Example]
     toy: bool
     max_model_len: int
+    fingerprint: str  # of the training data, to refuse resuming a run made on other data
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -70,7 +72,7 @@ def prepare(cfg: Config) -> Prepared:
     load = dict(
         max_prompt_tokens=d.max_prompt_tokens, max_response_tokens=d.max_response_tokens, long_prompts=d.long_prompts
     )
-    train = load_sft(train_path, tokenizer, max_examples=d.max_examples, **load)
+    train = load_sft(train_path, tokenizer, dedupe=d.dedupe, max_examples=d.max_examples, **load)
     evaluation = load_sft(eval_path, tokenizer, **load) if eval_path else []
     longest = max(d.max_response_tokens, cfg.generation.max_tokens)
     max_model_len = cfg.generation.max_model_len or d.max_prompt_tokens + longest + 1
@@ -79,7 +81,9 @@ def prepare(cfg: Config) -> Prepared:
             f"data.max_prompt_tokens + max(data.max_response_tokens, generation.max_tokens) = {max_model_len - 1} "
             f"exceeds the model's max_position_embeddings ({model_config.max_position_embeddings}): lower them"
         )
-    return Prepared(model_path, train, evaluation, toy, max_model_len)
+    data_fingerprint = fingerprint(train)
+    check_unchanged(cfg, data_fingerprint)
+    return Prepared(model_path, train, evaluation, toy, max_model_len, data_fingerprint)
 
 
 def _rows(examples: list[Example], seed: int, iteration: int) -> pa.Table:
@@ -103,65 +107,51 @@ class Coordinator:
         self.cfg = cfg
         self.p = prepared
         self.out = Path(cfg.run.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(cfg.to_yaml())
+        record(cfg, prepared.fingerprint)
 
     def run(self) -> dict[str, Any]:
         """SPIN (Chen et al. 2024, Algorithm 1), one iteration per loop turn."""
         cfg = self.cfg
-        start, model_path, step = self._resume_point()
-        self.tracker = Tracker(cfg, self.out)
-        engines, trainer, plan = self._start(model_path)
-        history = [{"iteration": start - 1, **self.evaluate(engines)}]  # the model we start from
-        self.tracker.log(history[0], step=step)
-        for t in range(start, cfg.spin.iterations):
-            print(f"\n===== SPIN iteration {t + 1}/{cfg.spin.iterations} =====", flush=True)
-            tick = time.perf_counter()
-            gen = self.generate(t, engines)  # y' ~ p_t(.|x) for every prompt x, on disk
-            pairs = self.training_set(t, engines)  # (x, y, y') of iterations t, t-1, ...
-            train = trainer.train(t, pairs)  # p_{t+1}: prefer y over y', against reference p_t
-            weights = trainer.export(t, self.out / f"iter_{t}" / "model", cfg.sync.method == "object_store")
-            step = self._record_training(t, train, step)  # checkpoint + DONE: the resume point
-            sync = sync_weights(cfg.sync.method, engines, trainer, weights, plan)  # engines serve p_{t+1}
-            evaluation = self.evaluate(engines)  # held-out metrics of p_{t+1}
-            history.append(self._record_iteration(t, step, gen, train, sync, evaluation, tick))
-        trainer.stop()
-        for e in engines:
-            ray.get(e.shutdown.remote())
-        self.tracker.finish()
+        start, model_path, step = astuple(resume_point(cfg, self.p.model_path, {e.uid for e in self.p.train}))
+        self.tracker = Tracker(cfg, self.out, resume_from=start)
+        engines, trainer = Engines(cfg, model_path, self.p.max_model_len), None  # engines load meanwhile
+        try:
+            trainer = Trainer(cfg, model_path)
+            engines.wait_ready()
+            history = [{"iteration": start - 1, **self.evaluate(engines)}]  # the model we start from
+            if start == 0:  # a resumed run logged this row when the iteration before ended
+                self.tracker.log(history[0], step=step)
+            for t in range(start, cfg.spin.iterations):
+                print(f"\n===== SPIN iteration {t + 1}/{cfg.spin.iterations} =====", flush=True)
+                tick = time.perf_counter()
+                gen = self.generate(t, engines)  # y' ~ p_t(.|x) for every prompt x, on disk
+                pairs = self.training_set(t, engines)  # (x, y, y') of iterations t, t-1, ...
+                train = trainer.train(t, pairs)  # p_{t+1}: prefer y over y', against reference p_t
+                model_dir = self.out / f"iter_{t}" / "model"
+                weights = trainer.export(model_dir, cfg.sync.method == "object_store")
+                step = self._record_training(t, train, step)  # checkpoint + DONE: the resume point
+                sync = engines.serve(str(model_dir), trainer, weights)  # engines serve p_{t+1}
+                evaluation = self.evaluate(engines)  # held-out metrics of p_{t+1}
+                history.append(self._record_iteration(t, step, gen, train, sync, evaluation, tick))
+        finally:  # whatever happened, nothing keeps running (or holding GPUs) after the job
+            if trainer is not None:
+                trainer.stop()
+            engines.shutdown()
+            self.tracker.finish()
+        return self._summary(history, engines, trainer)
+
+    def _summary(self, history: list[dict], engines: Engines, trainer: Trainer) -> dict[str, Any]:
         summary = {
-            "engine_starts": len(engines),
+            **engines.stats(),  # engine_starts counts distinct engine processes: a restart shows
             "trainer_pids": trainer.pids,
+            "trainer_restarts": trainer.restarts,
             "history": history,
             "output_dir": str(self.out.resolve()),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def _start(self, model_path: str) -> tuple[list, Trainer, list]:
-        """Engines and trainer, started side by side (each takes tens of seconds), and the
-        weight-sync group between them."""
-        cfg = self.cfg
-        engines = launch_engines(model_path, cfg.model.dtype, cfg.generation, self.p.max_model_len, cfg.run.seed)
-        trainer = Trainer(cfg, model_path)
-        wait_ready(engines, cfg.generation)
-        plan = []
-        if cfg.sync.method == "broadcast":
-            tp = cfg.generation.tensor_parallel_size if cfg.generation.num_gpus else 1
-            connect(trainer, engines, tp, cfg.sync.timeout_s)
-            plan = plan_buckets(trainer.weight_specs(), int(cfg.sync.bucket_mb * 2**20))
-        return engines, trainer, plan
-
-    def _resume_point(self) -> tuple[int, str, int]:
-        """The first iteration without a DONE marker, the model it starts from, the global step."""
-        done = [t for t in range(self.cfg.spin.iterations) if (self.out / f"iter_{t}" / "DONE").exists()]
-        if not done:
-            return 0, self.p.model_path, 0
-        last = self.out / f"iter_{max(done)}"
-        print(f"[resume] iterations 1..{max(done) + 1} are done in {self.out}; continuing from there", flush=True)
-        return max(done) + 1, str(last / "model"), json.loads((last / "DONE").read_text())["global_step"]
-
-    def generate(self, t: int, engines: list) -> dict[str, float]:
+    def generate(self, t: int, engines: Engines) -> dict[str, float]:
         """Every training prompt answered once by the engines (which hold p_t), persisted."""
         pairs_dir = self.out / f"iter_{t}" / "pairs"
         if pairs_dir.exists():
@@ -170,9 +160,9 @@ class Coordinator:
         tick, last_print = time.perf_counter(), 0.0
         tmp = pairs_dir.with_name("pairs.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        stream = through_engines(_rows(self.p.train, self.cfg.run.seed, t), engines, self.cfg.generation)
+        stream = through_engines(_rows(self.p.train, self.cfg.run.seed, t), engines.pool, self.cfg.generation)
         uids, tokens, writer = set(), 0, None
-        for batch in stream.drop_columns(["engine"]).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer = writer or pq.ParquetWriter(tmp / "pairs.parquet", batch.schema)
             writer.write_table(batch)
             uids.update(batch["uid"].to_pylist())
@@ -188,29 +178,32 @@ class Coordinator:
         seconds = time.perf_counter() - tick
         return {"gen/seconds": seconds, "gen/tokens_per_s": tokens / seconds}
 
-    def training_set(self, t: int, engines: list) -> ray.data.Dataset:
+    def training_set(self, t: int, engines: Engines) -> ray.data.Dataset:
         """Iteration t's pairs plus spin.mix_previous earlier iterations', in a seeded shuffle."""
         iterations = range(max(0, t - self.cfg.spin.mix_previous), t + 1)
         columns = ["uid", "prompt_ids", "real_ids", "generated_ids"]
-        table = pa.concat_tables(pq.read_table(self.out / f"iter_{i}" / "pairs", columns=columns) for i in iterations)
+        tables = [pq.read_table(self.out / f"iter_{i}" / "pairs", columns=columns) for i in iterations]
+        # Pairs are written in the order engines finish them; sorting first makes the shuffle,
+        # and so the trained weights, independent of timing.
+        table = pa.concat_tables(tbl.sort_by("uid") for tbl in tables)
         order = np.random.default_rng(self.cfg.run.seed + t).permutation(table.num_rows)
         table = table.take(order)
         if self.cfg.spin.reference == "engines":
             columns = {"real_ids": "ref_real_logps", "generated_ids": "ref_generated_logps"}
-            return through_engines(table, engines, self.cfg.generation, "score_batch", columns=columns)
+            return through_engines(table, engines.pool, self.cfg.generation, "score_batch", columns=columns)
         return ray.data.from_arrow(table)
 
-    def evaluate(self, engines: list) -> dict[str, float]:
+    def evaluate(self, engines: Engines) -> dict[str, float]:
         """Held-out metrics of the weights the engines serve now."""
         if not self.p.eval:
             return {}
         table = _rows(self.p.eval, self.cfg.run.seed, 0)
-        scored = through_engines(table, engines, self.cfg.generation, "score_batch", columns={"real_ids": "logp"})
+        scored = through_engines(table, engines.pool, self.cfg.generation, "score_batch", columns={"real_ids": "logp"})
         metrics = {"eval/logps/real": float(np.mean(scored.to_pandas()["logp"]))}
         if self.p.toy:
             from spin_ray.toy import toy_accuracy
 
-            rows = through_engines(table, engines, self.cfg.generation, greedy=True).take_all()
+            rows = through_engines(table, engines.pool, self.cfg.generation, greedy=True).take_all()
             generated = {r["uid"]: r["generated"] for r in rows}
             prompts = [e.prompt_messages for e in self.p.eval]
             metrics["eval/accuracy"] = toy_accuracy(prompts, [generated[e.uid] for e in self.p.eval])

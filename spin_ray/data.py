@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +94,26 @@ def _check_messages(record: Any) -> list[str]:
     return problems
 
 
-def _uid(record: dict[str, Any]) -> str:
-    if "id" in record and record["id"] is not None:
-        return str(record["id"])
-    # Content hash: stable across runs and file re-orderings, unlike a row number.
-    canonical = json.dumps(record["messages"], sort_keys=True, ensure_ascii=False)
+def _given_id(record: dict[str, Any]) -> str | None:
+    return str(record["id"]) if record.get("id") is not None else None
+
+
+def _content_hash(messages: list[dict[str, str]]) -> str:
+    canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def summarize(examples: list[Example]) -> dict[str, int]:
+    """What a data set holds: repeated prompts are how p_data(y|x) shows several answers per x,
+    and exact duplicate records are counted, not rejected."""
+    prompts = Counter(tuple(e.prompt_ids) for e in examples)
+    records = Counter((tuple(e.prompt_ids), e.real) for e in examples)
+    return {
+        "records": len(examples),
+        "distinct_prompts": len(prompts),
+        "records_with_repeated_prompt": sum(n for n in prompts.values() if n > 1),
+        "duplicate_records": sum(n - 1 for n in records.values()),
+    }
 
 
 def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
@@ -121,15 +136,22 @@ def load_sft(
     max_prompt_tokens: int,
     max_response_tokens: int,
     long_prompts: str = "error",
+    dedupe: str = "none",
     max_examples: int | None = None,
 ) -> list[Example]:
-    """Reads and validates a whole file; raises DataError listing every bad record."""
+    """Reads and validates a whole file; raises DataError listing every bad record.
+
+    Records without an `id` get `<content hash>-<occurrence>`: unique per record, equal across
+    loads of the same file, so equal records stay separate examples with their own sampling seeds.
+    `dedupe="records"` keeps only the first of exactly equal records; `max_examples` applies last.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
     examples: list[Example] = []
     problems: list[str] = []
     seen: dict[str, str] = {}
+    occurrences: Counter[str] = Counter()
     skipped = 0
     rows = 0
     for where, record in _read_rows(path):
@@ -141,7 +163,11 @@ def load_sft(
         if bad:
             problems.extend(f"{where}: {b}" for b in bad)
             continue
-        uid = _uid(record)
+        uid = _given_id(record)
+        if uid is None:
+            content = _content_hash(record["messages"])
+            uid = f"{content}-{occurrences[content]}"
+            occurrences[content] += 1
         if uid in seen:
             problems.append(f"{where}: field `id` {uid!r} duplicates {seen[uid]}")
             continue
@@ -176,6 +202,14 @@ def load_sft(
         print(f"[data] {path}: skipped {skipped} of {rows} records with prompts over {max_prompt_tokens} tokens")
     if not examples:
         raise DataError(f"{path}: no usable records left (skipped {skipped} over-long prompts)")
+    summary = summarize(examples)
+    print(f"[data] {path}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.items()))
+    if dedupe == "records":
+        kept: dict[tuple, Example] = {}
+        for e in examples:
+            kept.setdefault((tuple(e.prompt_ids), e.real), e)
+        examples = list(kept.values())
+        print(f"[data] {path}: data.dedupe=records dropped {summary['duplicate_records']} duplicate records")
     return examples[:max_examples] if max_examples else examples
 
 

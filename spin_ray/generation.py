@@ -13,7 +13,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 
@@ -56,8 +55,15 @@ class Engine:
         )
         self.cfg = cfg
 
+    @ray.method(concurrency_group="health")
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> bool:
+        """Answered on a side thread, so a long generate call does not look like a hang; a frozen
+        or dead process does not answer at all."""
+        return True
 
     def generate(self, batch: dict[str, list], greedy: bool = False) -> dict[str, list]:
         """Samples one response per row of `prompt_ids` (seeded per row by `seed`).
@@ -108,6 +114,10 @@ class Engine:
     def join_weight_group(self, master: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> list:
         return self.llm.collective_rpc("join_weight_group", args=(master, port, rank_offset, world_size, timeout_s))
 
+    def load_checkpoint(self, model_dir: str) -> dict[str, float]:
+        """Reload from an HF checkpoint on disk (recovery after a failed sync)."""
+        return self._swap("load_weights_dir", model_dir)
+
     def receive_weights(self, plan: list) -> dict[str, float]:
         """Hot-swap, broadcast path: buckets from the weight-sync group; see spin_ray.sync."""
         return self._swap("receive_weights", plan)
@@ -127,76 +137,77 @@ class Engine:
 
 
 def start_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int) -> list:
-    """Creates cfg.num_engines engine actors; returns their handles once all are ready."""
-    engines = launch_engines(model_path, dtype, cfg, max_model_len, seed)
-    wait_ready(engines, cfg)
+    """cfg.num_engines bare engine actors, once all are ready (benchmarks and tests; the job's
+    engines live in spin_ray.health's pool)."""
+    engines = [launch_engine(model_path, dtype, cfg, max_model_len, seed + i) for i in range(cfg.num_engines)]
+    ray.get([e.ready.remote() for e in engines])
     return engines
 
 
-def launch_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int) -> list:
-    """Creates the engine actors and returns at once (they load in the background)."""
+def launch_engine(model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int) -> Any:
+    """Creates one engine actor and returns at once (it loads in the background)."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if cfg.num_gpus == 0:
         # In-process engine: half the memory and start-up of multiprocess mode on CPU; one OMP
         # thread per engine, since more threads than cores ran 10-20x slower.
         env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        # Inductor's vector-ISA probe compiles and loads a test program from the current directory;
+        # when that fails (seen on autoscaled nodes sharing one machine's caches) it picks "no
+        # vectors" yet reuses vectorized kernels from the shared cache, and vLLM's compiled sampler
+        # helper fails to build ("'at::vec' has not been declared"). Trust the CPU flags instead.
+        env["TORCHINDUCTOR_VEC_ISA_OK"] = "1"
     for name in ("VLLM_CACHE_ROOT", "HF_HOME", "HF_HUB_OFFLINE"):
         if name in os.environ:
             env[name] = os.environ[name]
-    actor = ray.remote(Engine).options(
+    # Work runs one call at a time (`LLM` is not thread-safe); queued batches wait in the actor's
+    # mailbox, so the engine never idles between them. Health pings get a thread of their own.
+    actor = ray.remote(concurrency_groups={"health": 1})(Engine).options(
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus * cfg.tensor_parallel_size,
         resources={cfg.resource: 1} if cfg.resource else None,
         runtime_env={"env_vars": env},
-        # One call at a time (the default): `LLM` is not thread-safe. Queued batches wait in the
-        # actor's mailbox, so the engine never idles between them.
     )
-    return [actor.remote(model_path, dtype, cfg, max_model_len, seed + i) for i in range(cfg.num_engines)]
+    return actor.remote(model_path, dtype, cfg, max_model_len, seed)
 
 
-def wait_ready(engines: list, cfg: GenerationConfig) -> None:
-    """Blocks until every engine is up; names the resources when the cluster can't place them."""
-    pending = [e.ready.remote() for e in engines]
-    _, not_ready = ray.wait(pending, num_returns=len(pending), timeout=cfg.start_timeout_s)
-    if not_ready:
-        raise TimeoutError(
-            f"{len(not_ready)} of {len(engines)} engines not ready after {cfg.start_timeout_s:.0f} s. Each asks for "
-            f"CPU={cfg.num_cpus}, GPU={cfg.num_gpus * cfg.tensor_parallel_size}"
-            f"{', ' + cfg.resource + '=1' if cfg.resource else ''}; the cluster has {ray.cluster_resources()}. "
-            "Fix generation.* (or wait for the autoscaler: raise generation.start_timeout_s)."
-        )
-    ray.get(pending)  # re-raises an engine's start-up error with its traceback
-
-
-def _route(batch: pa.Table, engines: list, method: str, kwargs: dict) -> pa.Table:
-    """Ray Data task UDF: hand one batch to the engine its first row was assigned to."""
-    engine = engines[batch["engine"][0].as_py()]
-    columns = ray.get(getattr(engine, method).remote(batch.to_pydict(), **kwargs))
+def _route(batch: pa.Table, pool: Any, method: str, kwargs: dict) -> pa.Table:
+    """Ray Data task UDF: run one batch on the least-loaded engine; if that engine is lost
+    meanwhile, the pool replaces it and the same rows (same seeds) run again elsewhere."""
+    rows = batch.to_pydict()
+    while True:
+        i, actor_id, engine = ray.get(pool.acquire.remote())
+        try:
+            columns = ray.get(getattr(engine, method).remote(rows, **kwargs))
+        except ray.exceptions.RayActorError as e:
+            ray.get(pool.lost.remote(i, actor_id, f"{method} failed: {type(e).__name__}"))
+            continue
+        finally:
+            pool.release.remote(i, actor_id)
+        break
     for name, values in columns.items():  # plain Arrow lists: list<int64> ids stay lists in Parquet
         batch = batch.append_column(name, pa.array(values))
     return batch
 
 
 def through_engines(
-    table: pa.Table, engines: list, cfg: GenerationConfig, method: str = "generate", **kwargs: Any
+    table: pa.Table, pool: Any, cfg: GenerationConfig, method: str = "generate", **kwargs: Any
 ) -> ray.data.Dataset:
     """A lazy Dataset of `table`'s rows plus the columns the engines' `method` adds (generate,
-    score_pairs): exactly one row out per row in, whatever the order.
+    score_batch): exactly one row out per row in, whatever the order or the engines lost.
 
-    Consecutive batches go round-robin over the engines; Ray Data bounds the work in flight to
-    cfg.max_in_flight batches per engine.
+    Batches are fixed by row position (so results do not depend on timing); Ray Data keeps
+    cfg.max_in_flight batches per engine in flight, and the pool gives each to the least-loaded
+    engine.
     """
-    n = len(engines)
-    engine = (np.arange(table.num_rows) // cfg.batch_size) % n
     # One block per batch: a block is processed by one task, so with a single block every batch
     # would go through one task in turn and the engines would take turns instead of overlapping.
     blocks = max(1, math.ceil(table.num_rows / cfg.batch_size))
-    ds = ray.data.from_arrow(table.append_column("engine", pa.array(engine)), override_num_blocks=blocks)
+    ds = ray.data.from_arrow(table, override_num_blocks=blocks)
     return ds.map_batches(
         _route,
-        fn_kwargs={"engines": engines, "method": method, "kwargs": kwargs},
+        fn_kwargs={"pool": pool, "method": method, "kwargs": kwargs},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=n * cfg.max_in_flight),
+        compute=ray.data.TaskPoolStrategy(size=cfg.num_engines * cfg.max_in_flight),
         num_cpus=0.01,  # the task only waits on an engine: don't let it hold a core
     )

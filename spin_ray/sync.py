@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -53,8 +54,12 @@ def weight_group(master: str, port: int, rank: int, world_size: int, timeout_s: 
     trainer rank 0 and hosts the store; ranks 1.. are the engine workers."""
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(master, port, world_size, is_master=rank == 0, timeout=timeout)
+    # Config makes both ends GPU or both CPU (sync.method=broadcast), so each side's own device
+    # picks the same backend; Ray hides GPUs from CPU-only actors.
     if torch.cuda.is_available():
-        return dist.ProcessGroupNCCL(store, rank, world_size)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout  # a stalled peer fails the sync instead of hanging it
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
@@ -73,17 +78,28 @@ def send_buckets(
 ) -> None:
     """The sending side of `WeightReceiver.receive_weights`: one flat broadcast per bucket.
     `gather` makes a bucket's full tensors visible (ZeRO-3); only the rank with a group sends.
-    Bucket i+1 is gathered and flattened while bucket i is on the wire."""
-    in_flight = None
+    Bucket i+1 is gathered and flattened while bucket i is on the wire. If sending fails, this
+    rank still walks the whole plan: under ZeRO-3 the other ranks' gathers need it."""
+    in_flight, error = None, None
+
+    def step(flat: torch.Tensor | None) -> None:
+        """Finish the bucket on the wire, then start `flat` (None: nothing more to send)."""
+        nonlocal in_flight, group, error
+        try:
+            if in_flight is not None:
+                in_flight.wait()
+            in_flight = broadcast(group, flat) if group is not None and flat is not None else None
+        except Exception as e:  # noqa: BLE001 - raised once every rank is past its last gather
+            error, group, in_flight = error or e, None, None
+
     for bucket in plan:
         tensors = [params[name] for name, _, _ in bucket]
         with gather(tensors):
             flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if group is not None else None
-        if in_flight is not None:
-            in_flight.wait()
-        in_flight = broadcast(group, flat) if group is not None else None
-    if in_flight is not None:
-        in_flight.wait()
+        step(flat)
+    step(None)
+    if error is not None:
+        raise error
 
 
 def pack(state_dict: dict[str, torch.Tensor]) -> bytes:
@@ -113,6 +129,22 @@ class WeightReceiver:
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
         self._repack_tied_lm_head()
         return len(payload)
+
+    def load_weights_dir(self, model_dir: str) -> int:
+        """Reload from the safetensors files of an HF checkpoint; returns the bytes read."""
+        from safetensors import safe_open
+
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+            for f in files:
+                with safe_open(str(f), "pt") as st:
+                    for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                        yield name, st.get_tensor(name)
+
+        self.model_runner.reload_weights(weights_iterator=tensors())
+        self._repack_tied_lm_head()
+        return sum(f.stat().st_size for f in files)
 
     def join_weight_group(self, master: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> int:
         rank = rank_offset + self.rank  # self.rank: this worker's rank inside its engine (TP)
@@ -161,51 +193,32 @@ class WeightReceiver:
 
 
 class WeightSyncError(RuntimeError):
-    """A sync failed midway; the engines were stopped so none serves half-updated weights."""
+    """A sync failed midway; some engines may hold half-updated weights until they reload."""
 
 
 def connect(trainer: Any, engines: list, tensor_parallel_size: int, timeout_s: float) -> None:
-    """Trainer rank 0 and every engine worker join one weight-sync group (once per job)."""
+    """Trainer rank 0 and every engine worker join a new weight-sync group, on a fresh port (again
+    whenever an engine or the trainer group was replaced)."""
     world_size = 1 + len(engines) * tensor_parallel_size
-    master, port = trainer.post("join_weight_group", world_size=world_size, timeout_s=timeout_s)
+    master, port = trainer.call("weight_address")[0]
     joined = [
         e.join_weight_group.remote(master, port, 1 + i * tensor_parallel_size, world_size, timeout_s)
         for i, e in enumerate(engines)
     ]
-    trainer.collect()
-    ray.get(joined)
+    trainer.call("join_weight_group", master=master, port=port, world_size=world_size, timeout_s=timeout_s)
+    ray.get(joined, timeout=timeout_s)
 
 
 def sync_weights(method: str, engines: list, trainer: Any, weights: Any, plan: list[list[Spec]]) -> dict[str, float]:
-    """Pushes the trainer's weights into every engine; stops all engines if any part fails."""
+    """Pushes the trainer's weights into every engine; raises WeightSyncError if any part fails."""
     start = time.perf_counter()
     try:
         if method == "object_store":
             reports = ray.get([e.load_weights.remote(weights) for e in engines])
         else:
             received = [e.receive_weights.remote(plan) for e in engines]
-            trainer.post("broadcast_weights", plan=plan)
-            trainer.collect()
+            trainer.call("broadcast_weights", plan=plan)
             reports = ray.get(received)
-    except Exception as e:  # noqa: BLE001 - whatever broke, no engine may keep half the new weights
-        _stop(engines)
-        raise WeightSyncError(
-            f"weight sync ({method}) failed midway: {e!r}. All engines were stopped so none serves half-updated "
-            "weights. The trained checkpoint is on disk: rerun the same command to resume."
-        ) from e
+    except Exception as e:  # noqa: BLE001 - whatever broke, the caller makes every engine reload
+        raise WeightSyncError(f"weight sync ({method}) failed midway: {e!r}") from e
     return {"sync/seconds": time.perf_counter() - start, "sync/bytes": reports[0]["bytes"]}
-
-
-def _stop(engines: list, timeout_s: float = 60) -> None:
-    """Kills the engines and returns once none of them answers any more (ray.kill is async, and
-    a call sent meanwhile could still be served by a half-updated engine)."""
-    for engine in engines:
-        ray.kill(engine, no_restart=True)
-    deadline = time.monotonic() + timeout_s
-    for engine in engines:
-        while time.monotonic() < deadline:
-            try:
-                ray.get(engine.ready.remote(), timeout=5)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                break
-            time.sleep(0.2)

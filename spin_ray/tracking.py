@@ -12,8 +12,11 @@ from spin_ray.config import Config
 
 
 class Tracker:
-    def __init__(self, cfg: Config, output_dir: Path):
+    def __init__(self, cfg: Config, output_dir: Path, resume_from: int = 0):
         self.path = output_dir / "metrics.jsonl"
+        if self.path.exists():  # lines of an iteration that did not finish are logged again
+            kept = [line for line in read_metrics(output_dir) if line.get("iteration", -1) < resume_from]
+            self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
         self.run = None
         mode = cfg.run.wandb_mode
         if mode == "auto":

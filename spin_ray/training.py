@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import math
 import os
+import shutil
 import socket
-import tempfile
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +34,66 @@ from spin_ray.sync import Spec, pack, send_buckets, weight_group
 
 @ray.remote(num_cpus=0)
 class Channel:
-    """Mailboxes between the coordinator and the long-lived train workers."""
+    """Mailboxes between the coordinator and the long-lived train workers, safe across restarts.
 
-    def __init__(self, world_size: int):
-        self.tasks: list[asyncio.Queue] = [asyncio.Queue() for _ in range(world_size)]
-        self.results: asyncio.Queue = asyncio.Queue()
+    Every task carries an id and every reply names the task it answers, so a restarted worker's
+    greeting is never mistaken for a result. A worker that (re)starts says `hello` and gets the
+    weights to load (the latest exported p_t); tasks queued for its predecessor are dropped. Once
+    every rank of a new group has said hello, `generation` goes up and the driver re-posts
+    whatever was interrupted.
+    """
+
+    def __init__(self, world_size: int, model_path: str):
         self.world_size = world_size
+        self.model_path = model_path
+        self.tasks: list[asyncio.Queue] = [asyncio.Queue() for _ in range(world_size)]
+        self.replies: dict[int, dict[int, Any]] = {}
+        self.workers: dict[int, dict[str, Any]] = {}
+        self.greeted: set[int] = set()  # ranks of the group now starting
+        self.generation = 0  # complete worker groups so far
+        self.beats: dict[int, tuple[float, str]] = {}  # rank -> (time, what it is doing)
 
-    async def post(self, tasks: list[dict[str, Any]]) -> None:
-        for queue, task in zip(self.tasks, tasks, strict=True):
-            queue.put_nowait(task)
+    async def hello(self, rank: int, info: dict[str, Any]) -> str:
+        self.tasks[rank] = asyncio.Queue()
+        self.workers[rank] = info
+        self.greeted.add(rank)
+        if len(self.greeted) == self.world_size:
+            self.generation += 1
+            self.greeted.clear()
+            self.replies.clear()
+        self.beats[rank] = (time.time(), "starting")
+        return self.model_path
+
+    async def set_model_path(self, path: str) -> None:
+        self.model_path = path
+
+    async def post(self, task_id: int, tasks: list[dict[str, Any]], generation: int) -> int:
+        """Queues one task per rank if the group is still `generation`; returns the current one
+        (a group that restarted since the caller last looked must get the task after its hello)."""
+        if generation == self.generation:
+            for queue, task in zip(self.tasks, tasks, strict=True):
+                queue.put_nowait({"task_id": task_id, **task})
+        return self.generation
 
     async def next_task(self, rank: int) -> dict[str, Any]:
         return await self.tasks[rank].get()
 
-    async def reply(self, rank: int, result: dict[str, Any]) -> None:
-        self.results.put_nowait((rank, result))
+    async def beat(self, rank: int, what: str) -> None:
+        self.beats[rank] = (time.time(), what)
 
-    async def collect(self) -> list[dict[str, Any]]:
-        replies = dict([await self.results.get() for _ in range(self.world_size)])
-        return [replies[r] for r in range(self.world_size)]
+    async def reply(self, rank: int, task_id: int, result: Any) -> None:
+        self.replies.setdefault(task_id, {})[rank] = result
+        self.beats[rank] = (time.time(), "idle")
+
+    async def poll(self, task_id: int) -> dict[str, Any]:
+        replies = self.replies.get(task_id, {})
+        return {
+            "results": [replies[r] for r in range(self.world_size)] if len(replies) == self.world_size else None,
+            "generation": self.generation,
+            "workers": [self.workers.get(r) for r in range(self.world_size)],
+            "beats": dict(self.beats),
+            "now": time.time(),
+        }
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -97,7 +139,7 @@ class SpinWorker:
         self.world_size = torch.distributed.get_world_size()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.address = free_address()  # rank 0's hosts the weight-sync group's rendezvous
+        self.beat: Callable[[str], None] = lambda what: None  # progress for the driver's stall check
         ds_config = deepspeed_config(cfg)
         # Kept alive so from_pretrained loads straight into ZeRO-3 partitions (a 70B model never
         # exists whole on one rank).
@@ -186,6 +228,7 @@ class SpinWorker:
                     group["lr"] = lr
                 window.append(self.step_batch(rows))
                 micro += 1
+                self.beat(f"training iteration {iteration + 1}, step {micro}/{micro_steps}")
                 if micro % t.log_every == 0 or micro == micro_steps:
                     line = {"iteration": iteration, "step": micro, "epoch": epoch, "lr": lr}
                     line |= self._mean_over_ranks(window)
@@ -223,9 +266,11 @@ class SpinWorker:
             state = self.engine.module.state_dict()
         return {k: v.detach().cpu() for k, v in state.items()} if self.rank == 0 else None
 
-    def export(self, iteration: int, model_dir: str, pack_weights: bool) -> dict[str, Any]:
-        """HF checkpoint (rank 0), weights for the engines' object-store path, and a DeepSpeed
-        checkpoint through Ray Train for resume."""
+    def export(self, model_dir: str, pack_weights: bool) -> dict[str, Any]:
+        """HF checkpoint (rank 0) and the weights for the engines' object-store path.
+
+        The checkpoint is all a restart needs: each iteration starts a fresh optimizer from p_t,
+        so optimizer state is never carried across iterations and is not saved."""
         state = self.full_state_dict()
         result: dict[str, Any] = {}
         if self.rank == 0:
@@ -233,16 +278,11 @@ class SpinWorker:
             tmp = final.with_name(final.name + ".tmp")
             self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
+            if final.exists():  # left by an export whose reply was lost to a restart
+                shutil.rmtree(final)
             tmp.rename(final)  # atomic: a crash never leaves a half-written checkpoint behind
             if pack_weights:
                 result["weights"] = ray.put(pack(state))
-        with tempfile.TemporaryDirectory() as ckpt:
-            self.engine.save_checkpoint(ckpt, tag=f"iter_{iteration}")
-            ray.train.report(
-                {"iteration": iteration},
-                checkpoint=ray.train.Checkpoint.from_directory(ckpt),
-                checkpoint_dir_name=f"iter_{iteration}",
-            )
         return result
 
     def weight_specs(self) -> list[Spec]:
@@ -252,9 +292,13 @@ class SpinWorker:
             for name, p in self.engine.module.named_parameters()
         ]
 
-    def join_weight_group(self, world_size: int, timeout_s: float) -> dict[str, Any]:
+    def weight_address(self) -> tuple[str, int] | None:
+        """Rank 0 hosts the weight-sync group's rendezvous: a fresh port for every (re)connect."""
+        return free_address() if self.rank == 0 else None
+
+    def join_weight_group(self, master: str, port: int, world_size: int, timeout_s: float) -> dict[str, Any]:
         if self.rank == 0:
-            self.weight_group = weight_group(self.address[0], self.address[1], 0, world_size, timeout_s)
+            self.weight_group = weight_group(master, port, 0, world_size, timeout_s)
         return {}
 
     def broadcast_weights(self, plan: list[list[Spec]]) -> dict[str, Any]:
@@ -268,7 +312,11 @@ class SpinWorker:
             return contextlib.nullcontext()
 
         group = self.weight_group if self.rank == 0 else None
-        send_buckets(group, plan, dict(self.engine.module.named_parameters()), gather)
+        try:
+            send_buckets(group, plan, dict(self.engine.module.named_parameters()), gather)
+        except Exception:
+            self.weight_group = None  # dropping it closes the sockets, so no engine waits for the rest
+            raise
         return {}
 
 
@@ -280,69 +328,135 @@ def free_address() -> tuple[str, int]:
 
 
 def worker_loop(config: dict[str, Any]) -> None:
-    """The train_loop_per_worker: wait for a task, do it, reply; until told to stop."""
+    """The train_loop_per_worker: say hello, load the current p_t, then do tasks until told to
+    stop. Ray Train runs it again on a fresh group after a worker or its node is lost."""
     cfg: Config = config["cfg"]
     channel = config["channel"]
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, int(cfg.train.num_cpus)))
     rank = ray.train.get_context().get_world_rank()
-    worker = SpinWorker(cfg, config["model_path"])
-    ray.get(channel.reply.remote(rank, {"pid": os.getpid(), "address": worker.address}))
+    here = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+    model_path = ray.get(channel.hello.remote(rank, here))
+    worker = SpinWorker(cfg, model_path)
+    worker.beat = lambda what: channel.beat.remote(rank, what)
+    worker.beat("ready")
     while True:
         task = ray.get(channel.next_task.remote(rank))
-        kind = task.pop("kind")
+        task_id, kind = task.pop("task_id"), task.pop("kind")
         if kind == "stop":
             return
-        # Tasks name a SpinWorker method; the coordinator decides what runs, in what order.
-        ray.get(channel.reply.remote(rank, getattr(worker, kind)(**task)))
+        try:
+            # Tasks name a SpinWorker method; the coordinator decides what runs, in what order.
+            result = getattr(worker, kind)(**task)
+        except Exception:  # noqa: BLE001 - reported to the driver, which decides what to do
+            result = {"error": f"rank {rank} failed in {kind}:\n{traceback.format_exc()}"}
+        ray.get(channel.reply.remote(rank, task_id, result))
+
+
+class TrainerError(RuntimeError):
+    """The trainer failed, stalled or ran out of restarts; the message says which and what to do."""
 
 
 class Trainer:
-    """Driver-side handle: starts the long-lived workers and sends them work."""
+    """Driver-side handle: starts the long-lived workers, sends them work, and re-sends it to a
+    restarted group (Ray Train's FailureConfig restarts the group when a worker or node is lost)."""
 
     def __init__(self, cfg: Config, model_path: str):
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         self.cfg = cfg
         n = cfg.train.num_workers
-        self.channel = Channel.remote(n)
+        self.channel = Channel.remote(n, model_path)
         resources = {"CPU": cfg.train.num_cpus} | ({cfg.train.resource: 1} if cfg.train.resource else {})
         if cfg.train.use_gpu:
             resources["GPU"] = 1
         self._trainer = TorchTrainer(
             worker_loop,
-            train_loop_config={"cfg": cfg, "channel": self.channel, "model_path": model_path},
+            train_loop_config={"cfg": cfg, "channel": self.channel},
             torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=n, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(name="spin-train", storage_path=str(Path(cfg.run.output_dir).resolve() / "ray_train")),
+            run_config=RunConfig(
+                name="spin-train",
+                storage_path=str(Path(cfg.run.output_dir).resolve() / "ray_train"),
+                failure_config=FailureConfig(max_failures=cfg.train.max_restarts),
+            ),
         )
+        self.generation = 0  # worker groups seen; goes up on every restart
+        self.restarts: list[dict[str, Any]] = []
+        self.pids: list[int] = []
+        self._task_id = 0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._fit, daemon=True)
         self._thread.start()
-        ready = self.collect()
-        self.pids = [r["pid"] for r in ready]
-        self.address = ready[0]["address"]  # rank 0's, for the weight-sync group
+        self.call("weight_specs")  # returns once every rank is up
 
     def _fit(self) -> None:
         try:
             self._trainer.fit()
-        except BaseException as e:  # noqa: BLE001 - surfaced to the coordinator in _collect
+        except BaseException as e:  # noqa: BLE001 - surfaced to the coordinator in call()
             self._error = e
 
-    def post(self, kind: str, **task: Any) -> tuple[str, int]:
-        """Sends the same task to every rank (see SpinWorker's methods); returns rank 0's address."""
-        self.channel.post.remote([{"kind": kind, **task}] * self.cfg.train.num_workers)
-        return self.address
-
-    def collect(self) -> list[dict[str, Any]]:
-        """Waits for every rank's reply, failing fast if the training run died."""
-        ref = self.channel.collect.remote()
-        while not ray.wait([ref], timeout=2.0)[0]:
+    def call(self, kind: str, per_rank: list[dict[str, Any]] | None = None, **task: Any) -> list[Any]:
+        """Runs a SpinWorker method on every rank (the same `task`, or one dict per rank) and
+        returns every rank's result. A group that restarts meanwhile gets the task again."""
+        tasks = [{"kind": kind, **t} for t in per_rank] if per_rank else [{"kind": kind, **task}] * len(self._ranks)
+        posted = time.time()
+        self._task_id += 1
+        self._post(tasks)
+        while True:
+            state = ray.get(self.channel.poll.remote(self._task_id))
+            if state["generation"] > self.generation:
+                if self.generation:
+                    self.restarts.append({"time": time.time(), "during": kind, "pids": self.pids})
+                    print(f"[train] worker group restarted during {kind}; running it again", flush=True)
+                self.generation = state["generation"]
+                self.pids = [w["pid"] for w in state["workers"]]
+                self._task_id += 1
+                self._post(tasks)
+                posted = state["now"]
+                continue
+            if state["results"] is not None:
+                errors = [r["error"] for r in state["results"] if isinstance(r, dict) and "error" in r]
+                if errors:
+                    raise TrainerError(errors[0])
+                return state["results"]
             if not self._thread.is_alive():
-                raise RuntimeError(f"training workers stopped: {self._error!r}") from self._error
-        return ray.get(ref)
+                raise TrainerError(
+                    f"training workers stopped after {len(self.restarts)} restart(s) "
+                    f"(train.max_restarts={self.cfg.train.max_restarts}): {self._error!r}"
+                ) from self._error
+            self._check_stall(kind, state, posted)
+            time.sleep(0.2)
+
+    def _post(self, tasks: list[dict[str, Any]]) -> None:
+        # Posted only to the group the driver knows; a newer one gets it after the poll sees it.
+        ray.get(self.channel.post.remote(self._task_id, tasks, self.generation))
+
+    @property
+    def _ranks(self) -> range:
+        return range(self.cfg.train.num_workers)
+
+    def _check_stall(self, kind: str, state: dict[str, Any], posted: float) -> None:
+        """No silent hangs: a rank that shows no progress for too long is reported with what it
+        was doing (starting up gets the longer start-up deadline)."""
+        c = self.cfg.train
+        for rank in self._ranks:
+            when, what = state["beats"].get(rank, (posted, "waiting to be scheduled"))
+            limit = c.start_timeout_s if what in ("starting", "waiting to be scheduled") else c.stall_timeout_s
+            quiet = state["now"] - max(when, posted)
+            if quiet > limit:
+                raise TrainerError(
+                    f"train rank {rank} made no progress for {quiet:.0f} s (limit {limit:.0f} s) while {kind}: "
+                    f"last seen {what!r}. A hung collective, a frozen worker or missing resources "
+                    f"({ray.available_resources()} free); raise train.stall_timeout_s / train.start_timeout_s "
+                    "if this step is legitimately slow."
+                )
+
+    def set_model_path(self, path: str) -> None:
+        """The weights a restarted group loads: the latest exported p_t."""
+        ray.get(self.channel.set_model_path.remote(path))
 
     def train(self, iteration: int, pairs: ray.data.Dataset) -> dict[str, Any]:
         """One SPIN iteration of training on `pairs`; equal rows per rank, so equal steps."""
@@ -352,10 +466,8 @@ class Trainer:
         if total % n:
             print(f"[train] dropping {total % n} of {total} pairs so every rank runs the same steps")
         shards = pairs.split(n, equal=True)
-        self.channel.post.remote(
-            [{"kind": "train", "iteration": iteration, "shard": s, "rows_per_rank": total // n} for s in shards]
-        )
-        return self.collect()[0]
+        per_rank = [{"iteration": iteration, "shard": s, "rows_per_rank": total // n} for s in shards]
+        return self.call("train", per_rank)[0]
 
     def score(self, pairs: pa.Table) -> dict[str, tuple[float, float]]:
         """{uid: (log p(real), log p(generated))} under the current policy."""
@@ -364,21 +476,21 @@ class Trainer:
         # is a collective, so all ranks must run the same number of them.
         padded = pa.concat_tables([pairs, pairs.slice(0, -pairs.num_rows % n)])
         shards = ray.data.from_arrow(padded).split(n, equal=True)
-        self.channel.post.remote([{"kind": "score", "shard": s} for s in shards])
         scores = {}
-        for r in self.collect():
+        for r in self.call("score", [{"shard": s} for s in shards]):
             scores |= dict(zip(r["uid"], zip(r["real_logps"], r["generated_logps"], strict=True), strict=True))
         return scores
 
-    def export(self, iteration: int, model_dir: Path, pack_weights: bool = True) -> ray.ObjectRef | None:
-        """Writes iteration's HF checkpoint; returns the object-store ref of the packed weights."""
-        self.post("export", iteration=iteration, model_dir=str(model_dir), pack_weights=pack_weights)
-        return self.collect()[0].get("weights")
+    def export(self, model_dir: Path, pack_weights: bool = True) -> ray.ObjectRef | None:
+        """Writes the HF checkpoint; returns the object-store ref of the packed weights."""
+        weights = self.call("export", model_dir=str(model_dir), pack_weights=pack_weights)[0].get("weights")
+        self.set_model_path(str(model_dir))
+        return weights
 
     def weight_specs(self) -> list:
-        self.post("weight_specs")
-        return self.collect()[0]
+        return self.call("weight_specs")[0]
 
     def stop(self) -> None:
-        self.post("stop")
+        self._task_id += 1
+        self._post([{"kind": "stop"}] * len(self._ranks))
         self._thread.join(timeout=120)

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from spin_ray.config import load_config
 from spin_ray.data import pad_pairs
+from spin_ray.health import Engines
 from spin_ray.loss import sequence_logps
 from spin_ray.training import Trainer
 
@@ -60,7 +61,16 @@ def make_trainer(toy, out_dir, *overrides: str) -> Trainer:
             "train.log_every=1",
             "train.lr=1e-3",
             "train.optimizer=adamw",
+            "train.stall_timeout_s=120",  # a hang fails the test instead of stalling the suite
             *overrides,
         ],
     )
     return Trainer(cfg, str(toy.model_dir))
+
+
+def make_engines(toy, *overrides: str, max_model_len: int = 256) -> Engines:
+    """A started engine pool on the toy model (fp32, small KV cache)."""
+    cfg = load_config(None, ["generation.kv_cache_gib=0.25", "generation.max_tokens=8", *overrides])
+    engines = Engines(cfg, str(toy.model_dir), max_model_len)
+    engines.wait_ready()
+    return engines

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray.data import DataError, encode, load_sft
+from spin_ray.data import DataError, encode, load_sft, summarize
+from spin_ray.generation import sample_seed
 from spin_ray.toy import make_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,12 +50,41 @@ def test_prompt_response_split_and_uids(tmp_path, tok):
         ],
     )
     first, second = load(path, tok)
-    assert first.uid == "a" and len(second.uid) == 16  # given id, else a content hash
+    assert first.uid == "a" and len(second.uid) == 18  # given id, else content hash + occurrence
     assert [m["role"] for m in first.prompt_messages] == ["system", "user"] and first.real == "3"
     # The generation prompt is exactly the prompt; the response carries the template's end of turn.
     assert first.prompt == "<|bos|><|system|>be brief<|end|><|user|>1+2=<|end|><|assistant|>"
     assert tok.decode(first.real_ids) == "3<|end|>" and first.real_ids[-1] == tok.eos_token_id
     assert load(path, tok)[1].uid == second.uid  # stable across runs
+
+
+def test_repeated_prompts_and_equal_records_are_kept(tmp_path, tok, capsys):
+    """SPIN's target is p_data(y|x): several (sometimes equal) answers per prompt are data, not errors."""
+    rows = [conv("1+1=", "2"), conv("1+1=", "2"), conv("1+1=", "3"), conv("2+2=", "4"), conv("1+1=", "2")]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    examples = load(path, tok)
+    assert len(examples) == 5 and [e.real for e in examples] == ["2", "2", "3", "4", "2"]
+    uids = [e.uid for e in examples]
+    assert len(set(uids)) == 5
+    assert uids[0].endswith("-0") and uids[1] == uids[0][:-1] + "1" and uids[4] == uids[0][:-1] + "2"
+    assert uids == [e.uid for e in load(path, tok)]  # stable across loads: resume and seeds line up
+    assert len({sample_seed(0, 0, u) for u in uids}) == 5  # each record its own sample y'
+    assert summarize(examples) == {
+        "records": 5,
+        "distinct_prompts": 2,
+        "records_with_repeated_prompt": 4,
+        "duplicate_records": 2,
+    }
+    summary = "5 records, 2 distinct prompts, 4 records with repeated prompt, 2 duplicate records"
+    assert summary in capsys.readouterr().out
+    deduped = load(path, tok, dedupe="records")
+    assert [e.real for e in deduped] == ["2", "3", "4"] and [e.uid for e in deduped] == [uids[0], uids[2], uids[3]]
+
+
+def test_duplicate_given_ids_name_both_records(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [conv("1+1=", "2", id=7), conv("2+2=", "4"), conv("3+3=", "6", id="7")])
+    with pytest.raises(DataError, match=r"d.jsonl:3: field `id` '7' duplicates .*d.jsonl:1"):
+        load(path, tok)
 
 
 def test_every_bad_record_reported_with_line_and_field(tmp_path, tok):

@@ -1,29 +1,32 @@
-"""Weight sync trainer -> engines: the broadcast and object-store paths under ZeRO-3, and failure."""
+"""Weight sync trainer -> engines: the broadcast and object-store paths under ZeRO-3, and an engine
+lost just before a sync (replaced, re-joined, serving the new weights)."""
 
+import os
+import signal
+import time
+
+import psutil
 import pytest
 import ray
 import torch
-from helpers import hf_greedy, make_trainer, prompt_ids
+from helpers import hf_greedy, make_engines, make_trainer, prompt_ids
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray.config import GenerationConfig
-from spin_ray.generation import start_engines
-from spin_ray.sync import WeightSyncError, connect, plan_buckets, sync_weights
+from spin_ray.sync import plan_buckets, sync_weights
 
 
 @pytest.fixture(scope="module")
 def world(ray_session, toy, tmp_path_factory, pairs):
     """2 fp32 engines and a 2-worker ZeRO-3 trainer joined in one weight-sync group."""
     out = tmp_path_factory.mktemp("sync")
-    cfg = GenerationConfig(num_engines=2, temperature=0.0, max_tokens=8, kv_cache_gib=0.25)
-    engines = start_engines(str(toy.model_dir), "float32", cfg, 256, seed=0)
+    settings = ("generation.num_engines=2", "generation.temperature=0", "sync.method=broadcast")
+    engines = make_engines(
+        toy, *settings, "sync.bucket_mb=0.0625", "sync.timeout_s=10", "generation.health_timeout_s=15"
+    )
     trainer = make_trainer(toy, out, "train.zero_stage=3")
-    connect(trainer, engines, tensor_parallel_size=1, timeout_s=30)
-    plan = plan_buckets(trainer.weight_specs(), bucket_bytes=64 * 1024)
-    yield engines, trainer, plan, out
+    yield engines, trainer, out
     trainer.stop()
-    for e in engines:
-        ray.kill(e)
+    engines.shutdown()
 
 
 def engines_match_checkpoint(engines, model_dir, tok) -> None:
@@ -36,25 +39,49 @@ def engines_match_checkpoint(engines, model_dir, tok) -> None:
         assert got["generated_ids"] == want
 
 
-@pytest.mark.parametrize("method", ["broadcast", "object_store"])
-def test_sync_serves_new_weights(world, pairs, toy, method):
-    engines, trainer, plan, out = world
-    assert len(plan) > 1 and len({b[0][2] for b in plan}) == 1  # several fp32 buckets
+def train_and_export(trainer, pairs, model_dir, pack: bool):
     trainer.train(0, ray.data.from_arrow(pairs))
-    model_dir = out / f"{method}_model"
-    weights = trainer.export(0, model_dir, pack_weights=method == "object_store")
-    report = sync_weights(method, engines, trainer, weights, plan)
+    return trainer.export(model_dir, pack_weights=pack)
+
+
+def test_broadcast_then_object_store_serve_new_weights(world, pairs, toy):
+    engines, trainer, out = world
+    tok = AutoTokenizer.from_pretrained(toy.model_dir)
+    train_and_export(trainer, pairs, out / "broadcast", pack=False)
+    report = engines.serve(str(out / "broadcast"), trainer, None)  # joins the group, then broadcasts
+    assert len(engines.plan) > 1 and len({b[0][2] for b in engines.plan}) == 1  # several fp32 buckets
     assert report["sync/bytes"] > 100_000
-    engines_match_checkpoint(engines, model_dir, AutoTokenizer.from_pretrained(toy.model_dir))
+    engines_match_checkpoint(engines.list(), out / "broadcast", tok)
+
+    weights = train_and_export(trainer, pairs, out / "object_store", pack=True)
+    report = sync_weights("object_store", engines.list(), trainer, weights, [])
+    assert report["sync/bytes"] > 100_000
+    engines_match_checkpoint(engines.list(), out / "object_store", tok)
 
 
-def test_failed_sync_stops_every_engine(world):
-    engines, trainer, plan, _ = world
-    ray.kill(engines[1])  # an engine dies just before the sync
-    with pytest.raises(WeightSyncError, match="All engines were stopped"):
-        sync_weights("broadcast", engines, trainer, None, plan)
-    with pytest.raises(ray.exceptions.RayActorError):  # the survivor is not left half-updated
-        ray.get(engines[0].ready.remote(), timeout=60)
+def test_engine_frozen_during_broadcast_is_replaced_and_all_serve_new_weights(world, pairs, toy):
+    """SIGSTOP one engine just before a broadcast: the broadcast times out (sync.timeout_s=10), the
+    frozen engine misses its health deadline (15 s) and is replaced, and every engine ends up
+    serving the new checkpoint; the next sync re-forms the group with the replacement in it."""
+    engines, trainer, out = world
+    tok = AutoTokenizer.from_pretrained(toy.model_dir)
+    train_and_export(trainer, pairs, out / "after_loss", pack=False)
+    victim = ray.get(engines.list()[1].ready.remote())["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    frozen_at = time.time()
+    report = engines.serve(str(out / "after_loss"), trainer, None)
+    assert report["sync/recovered"] == 1.0  # the broadcast broke; every engine reloaded from disk
+    events = engines.stats()["engine_replacements"]
+    assert events[0]["old_pid"] == victim and "within 15" in events[0]["cause"]
+    assert events[0]["lost_at"] - frozen_at < 15 + 5 + 3  # deadline + ping interval + slack
+    # The survivor may have taken half the buckets into vLLM's layerwise reload, which then cannot
+    # reload again: it is replaced too, never left serving half-updated weights.
+    assert len(events) <= 2 and engines.stats()["engine_starts"] == 2 + len(events)
+    engines_match_checkpoint(engines.list(), out / "after_loss", tok)
+    train_and_export(trainer, pairs, out / "next", pack=False)
+    assert "sync/recovered" not in engines.serve(str(out / "next"), trainer, None)
+    engines_match_checkpoint(engines.list(), out / "next", tok)
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
 
 
 def test_plan_buckets_groups_by_dtype_in_order():

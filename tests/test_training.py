@@ -1,12 +1,18 @@
 """The long-lived Ray Train + DeepSpeed trainer: exact first-step loss, export, same workers throughout."""
 
 import math
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import ray
+import torch
 from helpers import hf_logps, make_trainer
+from safetensors.torch import load_file
 
 
 def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs, tmp_path):
@@ -22,7 +28,7 @@ def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs,
         assert step1["rewards/margins"] == 0
         assert first["logs"][1]["loss"] < math.log(2)  # step 2 moved away from the reference
 
-        trainer.export(0, tmp_path / "iter_0" / "model")
+        trainer.export(tmp_path / "iter_0" / "model")
         trained = trainer.score(pairs)
         exported_real, exported_gen = hf_logps(tmp_path / "iter_0" / "model", pairs)
         got = np.array([trained[u] for u in pairs["uid"].to_pylist()])
@@ -35,7 +41,7 @@ def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs,
         assert second["logs"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert second["logs"][0]["logps/real"] == pytest.approx(exported_real.mean(), abs=1e-5)
         assert {first["pid"], second["pid"]} <= set(trainer.pids) and len(set(trainer.pids)) == 2
-        assert (tmp_path / "ray_train" / "spin-train" / "iter_0").is_dir()  # DeepSpeed checkpoint for resume
+        assert trainer.restarts == [] and trainer.generation == 1
     finally:
         trainer.stop()
 
@@ -55,3 +61,44 @@ def test_zero2_engine_reference_odd_pairs_same_workers(ray_session, toy, pairs, 
         assert set(trainer.pids) == pids
     finally:
         trainer.stop()
+
+
+def test_worker_killed_mid_training_restarts_and_ends_with_equal_weights(ray_session, toy, pairs, tmp_path):
+    """SIGKILL a train rank mid-iteration: Ray Train restarts the group, the new workers load p_t
+    (the last exported checkpoint) and the iteration runs again; fp32 weights equal bit for bit."""
+    many = pa.concat_tables([pairs] * 8)  # 128 pairs, 32 steps per rank: time to kill mid-way
+    many = many.set_column(0, "uid", pa.array([f"{u}-{i}" for i, u in enumerate(many["uid"].to_pylist())]))
+    overrides = ("train.zero_stage=2", "train.batch_size=2", "train.log_every=8", "train.max_restarts=1")
+    exported = {}
+    for fault in (False, True):
+        trainer = make_trainer(toy, tmp_path / str(fault), *overrides)
+        try:
+            killer = threading.Thread(target=kill_rank_mid_training, args=(trainer, 1)) if fault else None
+            if killer:
+                killer.start()
+            result = trainer.train(0, ray.data.from_arrow(many))
+            if killer:
+                killer.join()
+            trainer.export(tmp_path / str(fault) / "model")
+            exported[fault] = load_file(tmp_path / str(fault) / "model" / "model.safetensors")
+        finally:
+            trainer.stop()
+        assert result["steps"] == 32
+    assert len(trainer.restarts) == 1 and trainer.restarts[0]["during"] == "train"
+    assert trainer.generation == 2 and not set(trainer.pids) & set(trainer.restarts[0]["pids"])
+    assert exported[True].keys() == exported[False].keys()
+    for name, tensor in exported[False].items():
+        assert torch.equal(exported[True][name], tensor), name
+
+
+def kill_rank_mid_training(trainer, rank: int) -> None:
+    """Waits until `rank` reports a training step past the first few, then SIGKILLs its process."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        beats = ray.get(trainer.channel.poll.remote(-1))["beats"]
+        what = beats.get(rank, (0, ""))[1]
+        if "step" in what and int(what.split("step ")[1].split("/")[0]) >= 4:
+            os.kill(trainer.pids[rank], signal.SIGKILL)
+            return
+        time.sleep(0.05)
+    raise AssertionError("training never reached step 4")

@@ -1,0 +1,245 @@
+"""Engines that keep serving: liveness checks, deadlines, replacement, re-routed batches.
+
+The coordinator asks this room for "the engines, serving weights W" and never sees a restart.
+`EnginePool` (an async actor) owns the vLLM engine actors. It pings each one every few seconds
+on a side thread of the engine (its own concurrency group, so a long `generate` does not delay
+the answer); an engine that dies, or does not answer within `generation.health_timeout_s`
+(frozen, node gone), is killed and replaced by a new actor wherever Ray can place it (the
+autoscaler adds a node if needed), loaded with the weights the engines must serve at that moment.
+Work is handed out batch by batch (`acquire`), so a batch whose engine died is simply run again
+on another engine with the same rows and per-row seeds: exactly one result per prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from spin_ray.config import Config, GenerationConfig
+from spin_ray.generation import launch_engine
+from spin_ray.sync import WeightSyncError, connect, plan_buckets, sync_weights
+
+
+@dataclass
+class Slot:
+    handle: Any
+    actor_id: str
+    info: dict[str, Any] = field(default_factory=dict)  # pid, node
+    in_flight: int = 0
+
+
+class EngineLost(RuntimeError):
+    """An engine was lost and generation.max_restarts replacements are used up (or one failed)."""
+
+
+@ray.remote(num_cpus=0)
+class EnginePool:
+    def __init__(self, model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int):
+        self.cfg, self.dtype, self.max_model_len, self.seed = cfg, dtype, max_model_len, seed
+        self.weights = model_path  # what a replacement loads: p_0, then the latest exported p_t
+        self.slots: list[Slot | None] = [None] * cfg.num_engines
+        self.generation = 0  # goes up with every replacement: the weight-sync group must be rebuilt
+        self.events: list[dict[str, Any]] = []
+        self.pids: set[int] = set()
+        self.fatal: str | None = None
+        self.changed = asyncio.Condition()
+        self.watcher: asyncio.Task | None = None
+
+    async def start(self) -> list[dict[str, Any]]:
+        """Creates every engine and waits until all are up (the autoscaler may add nodes)."""
+        await asyncio.gather(*(self._fill(i) for i in range(len(self.slots))))
+        self._raise_if_fatal()
+        self.watcher = asyncio.create_task(self._watch())
+        return [s.info for s in self.slots if s]
+
+    async def _fill(self, i: int) -> None:
+        handle = launch_engine(self.weights, self.dtype, self.cfg, self.max_model_len, self.seed + i)
+        try:
+            info = await asyncio.wait_for(handle.ready.remote(), timeout=self.cfg.start_timeout_s)
+        except Exception as e:  # noqa: BLE001 - timeout (resources) or the engine's own start-up error
+            ray.kill(handle, no_restart=True)
+            if isinstance(e, asyncio.TimeoutError):
+                e = TimeoutError(
+                    f"not ready after {self.cfg.start_timeout_s:.0f} s. It asks for CPU={self.cfg.num_cpus}, "
+                    f"GPU={self.cfg.num_gpus * self.cfg.tensor_parallel_size}"
+                    f"{', ' + self.cfg.resource + '=1' if self.cfg.resource else ''}; the cluster has "
+                    f"{ray.cluster_resources()}. Fix generation.* (or raise generation.start_timeout_s while "
+                    "the autoscaler adds nodes)"
+                )
+            self.fatal = self.fatal or f"engine {i} failed to start: {e}"
+        else:
+            self.slots[i] = Slot(handle, handle._actor_id.hex(), info)
+            self.pids.add(info["pid"])
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _watch(self) -> None:
+        """Pings every engine; one that stays silent past the deadline is handled as lost."""
+        interval = min(5.0, self.cfg.health_timeout_s / 4)
+        while self.fatal is None:
+            await asyncio.sleep(interval)
+            live = [(i, s) for i, s in enumerate(self.slots) if s is not None]
+            results = await asyncio.gather(
+                *(asyncio.wait_for(s.handle.ping.remote(), timeout=self.cfg.health_timeout_s) for _, s in live),
+                return_exceptions=True,
+            )
+            for (i, s), result in zip(live, results, strict=True):
+                if isinstance(result, asyncio.TimeoutError):
+                    await self.lost(i, s.actor_id, f"no answer to a health ping within {self.cfg.health_timeout_s} s")
+                elif isinstance(result, BaseException):
+                    await self.lost(i, s.actor_id, f"health ping failed: {result!r}")
+
+    async def lost(self, i: int, actor_id: str, cause: str) -> None:
+        """Engine i (if it is still `actor_id`) is gone: kill what is left of it, start another."""
+        slot = self.slots[i]
+        if slot is None or slot.actor_id != actor_id:
+            return  # already being replaced
+        self.slots[i] = None
+        ray.kill(slot.handle, no_restart=True)  # a frozen process must not come back half-updated
+        if len(self.events) >= self.cfg.max_restarts:
+            self.fatal = (
+                f"engine {i} (pid {slot.info.get('pid')}, node {slot.info.get('node', '?')[:12]}) was lost: {cause}; "
+                f"generation.max_restarts={self.cfg.max_restarts} replacements are used up. Check the engine's log "
+                "(ray logs) and the nodes' health, or raise generation.max_restarts."
+            )
+        else:
+            print(f"[health] engine {i} (pid {slot.info.get('pid')}) lost: {cause}; starting a replacement", flush=True)
+            asyncio.create_task(self._replace(i, slot, cause, time.time()))
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _replace(self, i: int, old: Slot, cause: str, lost_at: float) -> None:
+        tick = time.perf_counter()
+        await self._fill(i)
+        new = self.slots[i]
+        self.generation += 1
+        self.events.append(
+            {
+                "engine": i,
+                "cause": cause,
+                "old_pid": old.info.get("pid"),
+                "new_pid": new.info.get("pid") if new else None,
+                "lost_at": lost_at,
+                "recovery_s": time.perf_counter() - tick,
+            }
+        )
+
+    def _raise_if_fatal(self) -> None:
+        if self.fatal:
+            raise EngineLost(self.fatal)
+
+    async def acquire(self) -> tuple[int, str, Any]:
+        """The least-loaded live engine (waits while engines are being replaced)."""
+        async with self.changed:
+            while True:
+                self._raise_if_fatal()
+                live = [(s.in_flight, i) for i, s in enumerate(self.slots) if s is not None]
+                if live:
+                    _, i = min(live)
+                    slot = self.slots[i]
+                    slot.in_flight += 1
+                    return i, slot.actor_id, slot.handle
+                await self.changed.wait()
+
+    async def release(self, i: int, actor_id: str) -> None:
+        slot = self.slots[i]
+        if slot is not None and slot.actor_id == actor_id:
+            slot.in_flight -= 1
+
+    async def engines(self) -> list[Any]:
+        """Every engine, once none is being replaced."""
+        async with self.changed:
+            while not all(self.slots):
+                self._raise_if_fatal()
+                await self.changed.wait()
+        self._raise_if_fatal()
+        return [s.handle for s in self.slots]
+
+    async def set_weights(self, path: str) -> None:
+        self.weights = path
+
+    async def reload(self) -> None:
+        """After a failed sync: every live engine reloads self.weights from disk (none keeps half
+        an update); one that fails is replaced, and its replacement loads them anyway."""
+        slots = [(i, s) for i, s in enumerate(self.slots) if s is not None]
+        results = await asyncio.gather(
+            *(s.handle.load_checkpoint.remote(self.weights) for _, s in slots), return_exceptions=True
+        )
+        for (i, s), result in zip(slots, results, strict=True):
+            if isinstance(result, BaseException):
+                await self.lost(i, s.actor_id, f"reload after a failed sync failed: {result!r}")
+        await self.engines()
+
+    async def stats(self) -> dict[str, Any]:
+        return {"engine_starts": len(self.pids), "engine_replacements": self.events, "generation": self.generation}
+
+    async def shutdown(self) -> None:
+        if self.watcher:
+            self.watcher.cancel()
+        live = [s.handle for s in self.slots if s is not None]
+        await asyncio.gather(*(h.shutdown.remote() for h in live), return_exceptions=True)
+        for h in live:
+            ray.kill(h, no_restart=True)
+
+
+class Engines:
+    """Coordinator-side handle: the engine pool plus the weight path into it."""
+
+    def __init__(self, cfg: Config, model_path: str, max_model_len: int):
+        self.cfg = cfg
+        self.pool = EnginePool.options(scheduling_strategy=_here()).remote(
+            model_path, cfg.model.dtype, cfg.generation, max_model_len, cfg.run.seed
+        )
+        self.started = self.pool.start.remote()  # engines load while the trainer starts
+        self.connected: tuple[int, int] | None = None  # (pool, trainer) generations of the sync group
+        self.plan: list = []
+
+    def wait_ready(self) -> None:
+        ray.get(self.started)
+
+    def list(self) -> list[Any]:
+        return ray.get(self.pool.engines.remote())
+
+    def serve(self, path: str, trainer: Any, weights: Any) -> dict[str, float]:
+        """Returns once every engine serves the weights of checkpoint `path`, whatever fails meanwhile."""
+        tick = time.perf_counter()
+        ray.get(self.pool.set_weights.remote(path))  # replacements from now on load these
+        method = self.cfg.sync.method
+        try:
+            engines = self.list()
+            if method == "broadcast":
+                self._connect(trainer, engines)
+            return sync_weights(method, engines, trainer, weights, self.plan)
+        except WeightSyncError as e:
+            print(f"[health] {e}; every engine reloads {path} from disk", flush=True)
+            self.connected = None
+            ray.get(self.pool.reload.remote())
+            return {"sync/seconds": time.perf_counter() - tick, "sync/recovered": 1.0}
+
+    def _connect(self, trainer: Any, engines: list) -> None:
+        """(Re)builds the weight-sync group when an engine or the trainer group was replaced."""
+        now = (ray.get(self.pool.stats.remote())["generation"], trainer.generation)
+        if now == self.connected:
+            return
+        tp = self.cfg.generation.tensor_parallel_size if self.cfg.generation.num_gpus else 1
+        connect(trainer, engines, tp, self.cfg.sync.timeout_s)
+        if not self.plan:
+            self.plan = plan_buckets(trainer.weight_specs(), int(self.cfg.sync.bucket_mb * 2**20))
+        self.connected = now
+
+    def stats(self) -> dict[str, Any]:
+        return ray.get(self.pool.stats.remote())
+
+    def shutdown(self) -> None:
+        ray.get(self.pool.shutdown.remote())
+
+
+def _here() -> Any:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node (the head): the pool needs no GPU node to exist.
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

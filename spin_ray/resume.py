@@ -1,0 +1,169 @@
+"""What a run directory already holds, and whether it may be trusted.
+
+A rerun into an existing `run.output_dir` resumes: iterations whose `iter_<t>/DONE` marker and
+checkpoint check out are skipped, pair files that hold exactly the prompts of this data set are
+reused, and anything partial or corrupt is removed and redone. A rerun with a different model,
+data or any setting that changes results is refused, with the keys named, unless the user says
+`run.allow_config_change=true`: "resuming" someone else's iterations silently is worse than failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import yaml
+
+from spin_ray.config import Config, ConfigError
+from spin_ray.data import Example
+
+# Keys that change where and how fast a run goes, never what it computes.
+OPERATIONAL = (
+    "spin.iterations",
+    "generation.num_engines",
+    "generation.num_gpus",
+    "generation.num_cpus",
+    "generation.resource",
+    "generation.kv_cache_gib",
+    "generation.gpu_memory_utilization",
+    "generation.enforce_eager",
+    "generation.batch_size",
+    "generation.max_in_flight",
+    "generation.start_timeout_s",
+    "generation.health_timeout_s",
+    "generation.max_restarts",
+    "train.num_cpus",
+    "train.resource",
+    "train.log_every",
+    "train.max_restarts",
+    "train.stall_timeout_s",
+    "sync.",
+    "run.output_dir",
+    "run.ray_address",
+    "run.wandb_project",
+    "run.wandb_mode",
+    "run.allow_config_change",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """Hash of the token ids a run trains on: catches a data file changed in place."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.uid, e.prompt_ids, e.real_ids]).encode())
+    return h.hexdigest()[:16]
+
+
+def check_unchanged(cfg: Config, data_fingerprint: str) -> None:
+    """Refuses a rerun whose results-changing settings or data differ from the stored run's."""
+    out = Path(cfg.run.output_dir)
+    stored_path = out / "config.yaml"
+    if not stored_path.exists():
+        return
+    stored = _flatten(yaml.safe_load(stored_path.read_text()) or {})
+    now = _flatten(cfg.model_dump())
+    stored_fp = (out / "data_fingerprint").read_text().strip() if (out / "data_fingerprint").exists() else None
+    changed = [
+        f"{key}: {stored.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(stored) | set(now))
+        if stored.get(key) != now.get(key) and not key.startswith(OPERATIONAL)
+    ]
+    if stored_fp is not None and stored_fp != data_fingerprint:
+        changed.append(f"training data content: fingerprint {stored_fp} -> {data_fingerprint}")
+    if changed and not cfg.run.allow_config_change:
+        raise ConfigError(
+            f"{out} holds a run with other settings; resuming it would mix two experiments:\n  "
+            + "\n  ".join(changed)
+            + "\nUse another run.output_dir, or pass run.allow_config_change=true to resume anyway."
+        )
+
+
+def record(cfg: Config, data_fingerprint: str) -> None:
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    (out / "data_fingerprint").write_text(data_fingerprint + "\n")
+
+
+def valid_checkpoint(model_dir: Path) -> bool:
+    """A checkpoint vLLM and transformers can load: config plus readable, complete safetensors."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not (model_dir / "config.json").exists() or not files:
+        return False
+    try:
+        for f in files:
+            with safe_open(str(f), "pt") as st:
+                for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    st.get_slice(name)  # reads the header offsets; a truncated file fails here
+            if f.stat().st_size < 8:
+                return False
+    except Exception:  # noqa: BLE001 - any failure to read means "redo it"
+        return False
+    return True
+
+
+def valid_pairs(pairs_dir: Path, uids: set[str]) -> bool:
+    """Exactly one readable pair per training prompt."""
+    try:
+        got = pq.read_table(pairs_dir, columns=["uid"])["uid"].to_pylist()
+    except Exception:  # noqa: BLE001 - truncated or foreign files
+        return False
+    return len(got) == len(uids) and set(got) == uids
+
+
+@dataclass
+class ResumePoint:
+    start: int  # first iteration to run
+    model_path: str  # the weights it starts from
+    global_step: int
+
+
+def resume_point(cfg: Config, base_model: str, uids: set[str]) -> ResumePoint:
+    """The first iteration not done, after removing whatever a crash left half-written."""
+    out = Path(cfg.run.output_dir)
+    point = ResumePoint(0, base_model, 0)
+    for t in range(cfg.spin.iterations):
+        it = out / f"iter_{t}"
+        done = it / "DONE"
+        if done.exists() and valid_checkpoint(it / "model"):
+            point = ResumePoint(t + 1, str(it / "model"), json.loads(done.read_text())["global_step"])
+            continue
+        # Not done: keep only its complete pairs (made by p_t, which is done); anything of a later
+        # iteration was built on an iteration that never finished.
+        for later in out.glob("iter_*"):
+            if int(later.name.removeprefix("iter_")) > t:
+                shutil.rmtree(later)
+        if it.exists():
+            _clean(it, uids)
+        break
+    return point
+
+
+def _clean(it: Path, uids: set[str]) -> None:
+    for name in ("DONE", "model", "model.tmp", "pairs.tmp"):
+        path = it / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    pairs = it / "pairs"
+    if pairs.exists() and not valid_pairs(pairs, uids):
+        print(f"[resume] {pairs} is incomplete or unreadable: regenerating it", flush=True)
+        shutil.rmtree(pairs)
