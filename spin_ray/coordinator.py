@@ -102,6 +102,14 @@ def _rows(examples: list[Example], seed: int, iteration: int) -> pa.Table:
     )
 
 
+def shuffled(tables: list[pa.Table], seed: int) -> pa.Table:
+    """The pairs of several iterations in a seeded order. Pairs are written in the order the
+    engines finish them; sorting each iteration's by uid first makes the order, and so the
+    trained weights, independent of timing."""
+    table = pa.concat_tables(tbl.sort_by("uid") for tbl in tables)
+    return table.take(np.random.default_rng(seed).permutation(table.num_rows))
+
+
 class Coordinator:
     def __init__(self, cfg: Config, prepared: Prepared):
         self.cfg = cfg
@@ -144,6 +152,7 @@ class Coordinator:
         summary = {
             **engines.stats(),  # engine_starts counts distinct engine processes: a restart shows
             "trainer_pids": trainer.pids,
+            "trainer_nodes": trainer.nodes,
             "trainer_restarts": trainer.restarts,
             "history": history,
             "output_dir": str(self.out.resolve()),
@@ -183,11 +192,7 @@ class Coordinator:
         iterations = range(max(0, t - self.cfg.spin.mix_previous), t + 1)
         columns = ["uid", "prompt_ids", "real_ids", "generated_ids"]
         tables = [pq.read_table(self.out / f"iter_{i}" / "pairs", columns=columns) for i in iterations]
-        # Pairs are written in the order engines finish them; sorting first makes the shuffle,
-        # and so the trained weights, independent of timing.
-        table = pa.concat_tables(tbl.sort_by("uid") for tbl in tables)
-        order = np.random.default_rng(self.cfg.run.seed + t).permutation(table.num_rows)
-        table = table.take(order)
+        table = shuffled(tables, self.cfg.run.seed + t)
         if self.cfg.spin.reference == "engines":
             columns = {"real_ids": "ref_real_logps", "generated_ids": "ref_generated_logps"}
             return through_engines(table, engines.pool, self.cfg.generation, "score_batch", columns=columns)

@@ -22,6 +22,7 @@ import ray
 from spin_ray.config import Config, GenerationConfig
 from spin_ray.generation import launch_engine
 from spin_ray.sync import WeightSyncError, connect, plan_buckets, sync_weights
+from spin_ray.tracking import record_event
 
 
 @dataclass
@@ -38,8 +39,11 @@ class EngineLost(RuntimeError):
 
 @ray.remote(num_cpus=0)
 class EnginePool:
-    def __init__(self, model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int):
+    def __init__(
+        self, model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int, output_dir: str
+    ):
         self.cfg, self.dtype, self.max_model_len, self.seed = cfg, dtype, max_model_len, seed
+        self.output_dir = output_dir
         self.weights = model_path  # what a replacement loads: p_0, then the latest exported p_t
         self.slots: list[Slot | None] = [None] * cfg.num_engines
         self.generation = 0  # goes up with every replacement: the weight-sync group must be rebuilt
@@ -57,23 +61,33 @@ class EnginePool:
         return [s.info for s in self.slots if s]
 
     async def _fill(self, i: int) -> None:
-        handle = launch_engine(self.weights, self.dtype, self.cfg, self.max_model_len, self.seed + i)
-        try:
-            info = await asyncio.wait_for(handle.ready.remote(), timeout=self.cfg.start_timeout_s)
-        except Exception as e:  # noqa: BLE001 - timeout (resources) or the engine's own start-up error
-            ray.kill(handle, no_restart=True)
-            if isinstance(e, asyncio.TimeoutError):
-                e = TimeoutError(
-                    f"not ready after {self.cfg.start_timeout_s:.0f} s. It asks for CPU={self.cfg.num_cpus}, "
-                    f"GPU={self.cfg.num_gpus * self.cfg.tensor_parallel_size}"
+        """Starts engine i; one that dies while loading is started again (it counts as a restart)."""
+        while self.fatal is None:
+            handle = launch_engine(self.weights, self.dtype, self.cfg, self.max_model_len, self.seed + i)
+            try:
+                info = await asyncio.wait_for(handle.ready.remote(), timeout=self.cfg.start_timeout_s)
+            except ray.exceptions.RayActorError as e:
+                # An error raised by vLLM's own start-up (bad model, memory) would only repeat.
+                if "creation task" in str(e) or len(self.events) >= self.cfg.max_restarts:
+                    self.fatal = f"engine {i} failed to start: {e}"
+                else:
+                    self.events.append({"engine": i, "cause": f"died while starting: {type(e).__name__}"})
+                    continue
+            except TimeoutError:
+                c = self.cfg
+                self.fatal = (
+                    f"engine {i} not ready after {c.start_timeout_s:.0f} s. It asks for CPU={c.num_cpus}, "
+                    f"GPU={c.num_gpus * c.tensor_parallel_size}"
                     f"{', ' + self.cfg.resource + '=1' if self.cfg.resource else ''}; the cluster has "
-                    f"{ray.cluster_resources()}. Fix generation.* (or raise generation.start_timeout_s while "
-                    "the autoscaler adds nodes)"
+                    f"{ray.cluster_resources()}. Fix generation.* (or raise generation.start_timeout_s while the "
+                    "autoscaler adds nodes)"
                 )
-            self.fatal = self.fatal or f"engine {i} failed to start: {e}"
-        else:
-            self.slots[i] = Slot(handle, handle._actor_id.hex(), info)
-            self.pids.add(info["pid"])
+            else:
+                self.slots[i] = Slot(handle, handle._actor_id.hex(), info)
+                self.pids.add(info["pid"])
+            break
+        if self.slots[i] is None:
+            ray.kill(handle, no_restart=True)
         async with self.changed:
             self.changed.notify_all()
 
@@ -88,7 +102,7 @@ class EnginePool:
                 return_exceptions=True,
             )
             for (i, s), result in zip(live, results, strict=True):
-                if isinstance(result, asyncio.TimeoutError):
+                if isinstance(result, TimeoutError):
                     await self.lost(i, s.actor_id, f"no answer to a health ping within {self.cfg.health_timeout_s} s")
                 elif isinstance(result, BaseException):
                     await self.lost(i, s.actor_id, f"health ping failed: {result!r}")
@@ -117,16 +131,17 @@ class EnginePool:
         await self._fill(i)
         new = self.slots[i]
         self.generation += 1
-        self.events.append(
-            {
-                "engine": i,
-                "cause": cause,
-                "old_pid": old.info.get("pid"),
-                "new_pid": new.info.get("pid") if new else None,
-                "lost_at": lost_at,
-                "recovery_s": time.perf_counter() - tick,
-            }
-        )
+        event = {
+            "engine": i,
+            "cause": cause,
+            "old_pid": old.info.get("pid"),
+            "new_pid": new.info.get("pid") if new else None,
+            "new_node": new.info.get("node") if new else None,
+            "lost_at": lost_at,
+            "recovery_s": time.perf_counter() - tick,
+        }
+        self.events.append(event)
+        record_event(self.output_dir, "engine_replaced", **event)
 
     def _raise_if_fatal(self) -> None:
         if self.fatal:
@@ -175,7 +190,12 @@ class EnginePool:
         await self.engines()
 
     async def stats(self) -> dict[str, Any]:
-        return {"engine_starts": len(self.pids), "engine_replacements": self.events, "generation": self.generation}
+        return {
+            "engine_starts": len(self.pids),
+            "engine_replacements": self.events,
+            "engines": [s.info for s in self.slots if s],
+            "generation": self.generation,
+        }
 
     async def shutdown(self) -> None:
         if self.watcher:
@@ -192,7 +212,7 @@ class Engines:
     def __init__(self, cfg: Config, model_path: str, max_model_len: int):
         self.cfg = cfg
         self.pool = EnginePool.options(scheduling_strategy=_here()).remote(
-            model_path, cfg.model.dtype, cfg.generation, max_model_len, cfg.run.seed
+            model_path, cfg.model.dtype, cfg.generation, max_model_len, cfg.run.seed, cfg.run.output_dir
         )
         self.started = self.pool.start.remote()  # engines load while the trainer starts
         self.connected: tuple[int, int] | None = None  # (pool, trainer) generations of the sync group

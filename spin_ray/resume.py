@@ -153,6 +153,8 @@ def resume_point(cfg: Config, base_model: str, uids: set[str]) -> ResumePoint:
         if it.exists():
             _clean(it, uids)
         break
+    if point.start:
+        print(f"[resume] iterations 1..{point.start} are done in {out}; continuing from there", flush=True)
     return point
 
 

@@ -8,6 +8,13 @@ process it starts carries a marker in its environment, so `stop()` ends exactly 
 fake nodes' agents are re-parented to init and their command lines do not name the cluster).
 Never `ray stop`: it kills every Ray on the machine.
 
+Submit jobs here without `--working-dir`: the fake nodes share one session directory, and a node
+that scales down deletes the job's unpacked working_dir, which is every worker's current directory
+on every node. Seen here: `os.path.abspath` failing in new actors, and vLLM's compiled sampler
+helper failing to build ("'at::vec' has not been declared": inductor's vector-ISA probe fails
+without a current directory, then reuses vectorized kernels from the shared cache). Real nodes
+each unpack their own copy. The code reaches the fake nodes as the editable install.
+
     with FakeCluster(Path("/tmp/fc"), Path("cluster.yaml")) as cluster:
         subprocess.run(["ray", "job", "submit", "--address", cluster.dashboard, ...])
 """
@@ -29,6 +36,7 @@ from typing import Any
 import yaml
 
 MARKER = "SPIN_RAY_TESTBED"
+HEAD = "ray.head.default"
 
 
 def free_port() -> int:
@@ -44,7 +52,9 @@ def free_port() -> int:
 def autoscaler_config(cluster_yaml: Path, gcs_address: str, head_cpus: int, max_per_node: int) -> dict[str, Any]:
     """cluster.yaml's worker node types with their custom resources, GPUs turned into CPUs."""
     source = yaml.safe_load(cluster_yaml.read_text())
-    types: dict[str, Any] = {"head": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0}}
+    # The fake provider knows the head started by `ray start --head` under this name only; under
+    # another, the autoscaler keeps launching and removing extra "head" nodes.
+    types: dict[str, Any] = {HEAD: {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0}}
     for name, spec in source["available_node_types"].items():
         if name == source["head_node_type"]:
             continue
@@ -73,7 +83,7 @@ def autoscaler_config(cluster_yaml: Path, gcs_address: str, head_cpus: int, max_
         },
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": types,
-        "head_node_type": "head",
+        "head_node_type": HEAD,
         "file_mounts": {},
         "cluster_synced_files": [],
         "file_mounts_sync_continuously": False,
@@ -151,11 +161,14 @@ class FakeCluster:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check, **kwargs)
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Alive nodes: {"node_id", "type", "resources"}; the head's type is "head"."""
+        """Alive nodes: {"node_id", "type", "resources"}; the head's type is "head", a worker's
+        is its node type in cluster.yaml."""
         from ray.util.state import list_nodes
 
         types = json.loads((self.root / "autoscaler.json").read_text())["available_node_types"]
-        alive = list_nodes(address=self.dashboard, filters=[("state", "=", "ALIVE")], detail=True)
+        alive = list_nodes(
+            address=self.dashboard, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False
+        )
         return [
             {
                 "node_id": n.node_id,
@@ -181,26 +194,31 @@ class FakeCluster:
         return pids
 
     def pids(self) -> list[int]:
-        """Every process this cluster started, found by the marker in its environment."""
+        """Every process this cluster started: the marker in its environment, or (agents that
+        nodes start with a fresh environment) this cluster's GCS address on its command line."""
         needle = f"{MARKER}={self.marker}".encode()
+        gcs = f":{self.port}".encode()
         found = []
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit():
                 try:
-                    if needle in (proc / "environ").read_bytes().split(b"\0"):
-                        found.append(int(proc.name))
+                    env = (proc / "environ").read_bytes().split(b"\0")
+                    cmdline = (proc / "cmdline").read_bytes()
                 except OSError:
                     continue
+                if needle in env or (b"ray" in cmdline and gcs in cmdline):
+                    found.append(int(proc.name))
         return found
 
     def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        # Several rounds: a node the autoscaler was launching meanwhile starts its agents late.
+        for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL, signal.SIGKILL):
             for pid in self.pids():
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 10
             while self.pids() and time.monotonic() < deadline:
                 time.sleep(0.5)
         if self.head is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,9 @@ def _run_id(output_dir: Path) -> str:
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def record_event(output_dir: str | Path, kind: str, **fields: Any) -> None:
+    """Appends one fault or recovery to `events.jsonl`: what failed, when, how long recovery took."""
+    with (Path(output_dir) / "events.jsonl").open("a") as f:
+        f.write(json.dumps({"time": time.time(), "kind": kind} | fields) + "\n")

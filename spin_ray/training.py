@@ -30,6 +30,7 @@ from spin_ray.config import Config
 from spin_ray.data import pad_pairs
 from spin_ray.loss import sequence_logps, spin_loss, spin_metrics
 from spin_ray.sync import Spec, pack, send_buckets, weight_group
+from spin_ray.tracking import record_event
 
 
 @ray.remote(num_cpus=0)
@@ -386,6 +387,7 @@ class Trainer:
         self.generation = 0  # worker groups seen; goes up on every restart
         self.restarts: list[dict[str, Any]] = []
         self.pids: list[int] = []
+        self.nodes: list[str] = []
         self._task_id = 0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._fit, daemon=True)
@@ -409,10 +411,13 @@ class Trainer:
             state = ray.get(self.channel.poll.remote(self._task_id))
             if state["generation"] > self.generation:
                 if self.generation:
-                    self.restarts.append({"time": time.time(), "during": kind, "pids": self.pids})
+                    restart = {"during": kind, "pids": self.pids, "recovery_s": time.time() - posted}
+                    self.restarts.append(restart)
+                    record_event(self.cfg.run.output_dir, "trainer_restarted", **restart)
                     print(f"[train] worker group restarted during {kind}; running it again", flush=True)
                 self.generation = state["generation"]
                 self.pids = [w["pid"] for w in state["workers"]]
+                self.nodes = [w["node"] for w in state["workers"]]
                 self._task_id += 1
                 self._post(tasks)
                 posted = state["now"]
@@ -439,20 +444,28 @@ class Trainer:
         return range(self.cfg.train.num_workers)
 
     def _check_stall(self, kind: str, state: dict[str, Any], posted: float) -> None:
-        """No silent hangs: a rank that shows no progress for too long is reported with what it
-        was doing (starting up gets the longer start-up deadline)."""
+        """No silent hangs: ranks that show no progress for too long are reported with what each
+        was last doing (starting up gets the longer start-up deadline)."""
         c = self.cfg.train
+        stalled = []
         for rank in self._ranks:
             when, what = state["beats"].get(rank, (posted, "waiting to be scheduled"))
             limit = c.start_timeout_s if what in ("starting", "waiting to be scheduled") else c.stall_timeout_s
             quiet = state["now"] - max(when, posted)
             if quiet > limit:
-                raise TrainerError(
-                    f"train rank {rank} made no progress for {quiet:.0f} s (limit {limit:.0f} s) while {kind}: "
-                    f"last seen {what!r}. A hung collective, a frozen worker or missing resources "
-                    f"({ray.available_resources()} free); raise train.stall_timeout_s / train.start_timeout_s "
-                    "if this step is legitimately slow."
-                )
+                stalled.append(f"rank {rank} (pid {self._pid(state, rank)}) silent for {quiet:.0f} s, last: {what!r}")
+        if stalled:
+            raise TrainerError(
+                f"the trainer stalled while running {kind!r}: " + "; ".join(stalled) + ". A frozen worker or a hung "
+                f"collective (the other ranks wait for it), or missing resources ({ray.available_resources()} free). "
+                "Check that rank's log and node; raise train.stall_timeout_s (train.start_timeout_s for start-up) "
+                "if a step is legitimately this slow."
+            )
+
+    @staticmethod
+    def _pid(state: dict[str, Any], rank: int) -> int | None:
+        worker = state["workers"][rank]
+        return worker["pid"] if worker else None
 
     def set_model_path(self, path: str) -> None:
         """The weights a restarted group loads: the latest exported p_t."""

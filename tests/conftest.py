@@ -53,3 +53,20 @@ def pairs(toy):
         for i, e in enumerate(ex)
     ]
     return pa.Table.from_pylist(rows)
+
+
+@pytest.fixture(scope="session")
+def toy_run(ray_session, toy, tmp_path_factory):
+    """The fault-free reference run: two iterations, then the same output dir with
+    spin.iterations=3, so the job resumes at iteration 3. Returns (dir, first, second summary)."""
+    from helpers import repeated_records_file, toy_config
+
+    from spin_ray.coordinator import prepare, run_job
+
+    root = tmp_path_factory.mktemp("job")
+    train = repeated_records_file(toy, root / "train.jsonl")
+    summaries = []
+    for iterations in (2, 3):
+        cfg = toy_config(root / "run", train, f"spin.iterations={iterations}")
+        summaries.append(run_job(cfg, prepare(cfg)))
+    return root / "run", *summaries

@@ -1,5 +1,8 @@
 """Shared test helpers: HF reference computations and small factories."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -49,6 +52,35 @@ def hf_logps(model_dir, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logps = sequence_logps(logits, batch["input_ids"], batch["response_mask"]).numpy()
     return logps[: len(rows)], logps[len(rows) :]
+
+
+N_PROMPTS = 48  # records of the end-to-end runs: 40 distinct, 8 exact repeats, no ids
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def repeated_records_file(toy, path: Path) -> Path:
+    """Toy SFT data as users often have it: no ids, some prompts and whole records repeated."""
+    records = [{"messages": json.loads(line)["messages"]} for line in toy.train_path.read_text().splitlines()[:40]]
+    records += records[:8]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def toy_config(out: Path, train_path: Path, *overrides: str):
+    """The end-to-end runs' setting: greedy, fp32, a high lr so weights visibly move."""
+    return load_config(
+        ROOT / "configs" / "toy.yaml",
+        [
+            f"run.output_dir={out}",
+            f"data.train_path={train_path}",
+            "generation.temperature=0",
+            "model.dtype=float32",
+            "train.lr=1e-3",
+            "train.batch_size=8",
+            "train.log_every=2",
+            *overrides,
+        ],
+    )
 
 
 def make_trainer(toy, out_dir, *overrides: str) -> Trainer:

@@ -14,15 +14,13 @@ import nbformat
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import N_PROMPTS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_records import history
 
-from spin_ray.config import load_config
-from spin_ray.coordinator import prepare, run_job
 from spin_ray.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-N_PROMPTS = 48
 METRICS = [
     "train/loss",
     "train/rewards/real",
@@ -41,42 +39,21 @@ METRICS = [
 ]
 
 
-def toy_config(out: Path, *overrides: str):
-    return load_config(
-        ROOT / "configs" / "toy.yaml",
-        [
-            f"run.output_dir={out}",
-            f"data.max_examples={N_PROMPTS}",
-            "generation.temperature=0",
-            "model.dtype=float32",
-            "train.lr=1e-3",
-            "train.batch_size=8",
-            "train.log_every=2",
-            *overrides,
-        ],
-    )
-
-
 @pytest.fixture(scope="module")
-def run(ray_session, toy, tmp_path_factory):
-    """Two iterations, then the same output dir with spin.iterations=3: the job resumes at 3."""
-    out = tmp_path_factory.mktemp("job") / "run"
-    first = spin(toy_config(out, "spin.iterations=2"))
-    second = spin(toy_config(out, "spin.iterations=3"))
-    return out, first, second
-
-
-def spin(cfg):
-    return run_job(cfg, prepare(cfg))
+def run(toy_run):
+    return toy_run
 
 
 def test_artifacts_and_engines_started_once(run):
     out, first, second = run
     assert first["engine_starts"] == 1 and second["engine_starts"] == 1
+    assert first["engine_replacements"] == [] and first["trainer_restarts"] == []
     assert [r["iteration"] for r in second["history"]] == [1, 2]  # resumed: start = p_2, then iteration 3
     assert (out / "config.yaml").exists() and (out / "summary.json").exists()
+    assert not (out / "ray_train" / "spin-train" / "iter_0").exists()  # no optimizer state nobody reads
     for t in range(3):
         pairs = pq.read_table(out / f"iter_{t}" / "pairs")
+        # One pair per record: repeated prompts and exactly equal records are kept, each its own uid.
         assert pairs.num_rows == N_PROMPTS and len(set(pairs["uid"].to_pylist())) == N_PROMPTS
         assert {"uid", "prompt", "real", "generated"} <= set(pairs.column_names)
         assert (out / f"iter_{t}" / "model" / "model.safetensors").exists()
@@ -110,6 +87,22 @@ def test_metrics_jsonl_and_wandb(run):
     for key in METRICS:
         assert any(key in r for r in logged), key
     assert [r["iteration"] for r in logged if "global_step" in r] == [0, 1, 2]  # one run across the resume
+
+
+def test_resume_with_changed_settings_is_refused_before_ray(run, toy):
+    out, _, _ = run
+    changed = ["train.lr=2e-3", f"model.path={toy.model_dir}", f"data.train_path={toy.train_path}"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "spin.py"), f"run.output_dir={out}", *changed],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for key in ("train.lr: 0.001 -> 0.002", "model.path: 'toy' -> ", "data.train_path: ", "run.allow_config_change"):
+        assert key in proc.stderr
+    assert "spin.iterations" not in proc.stderr  # operational keys may change
+    assert "Started a local Ray" not in proc.stdout + proc.stderr
 
 
 def test_notebook_executes(run, monkeypatch):

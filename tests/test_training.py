@@ -14,6 +14,8 @@ import torch
 from helpers import hf_logps, make_trainer
 from safetensors.torch import load_file
 
+from spin_ray.training import TrainerError
+
 
 def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs, tmp_path):
     trainer = make_trainer(toy, tmp_path, "train.zero_stage=3", "train.epochs=2")
@@ -102,3 +104,18 @@ def kill_rank_mid_training(trainer, rank: int) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("training never reached step 4")
+
+
+def test_frozen_worker_is_reported_with_what_each_rank_was_doing(ray_session, toy, pairs, tmp_path):
+    trainer = make_trainer(toy, tmp_path, "train.stall_timeout_s=5", "train.max_restarts=0")
+    try:
+        os.kill(trainer.pids[1], signal.SIGSTOP)  # rank 0 then waits for it in the first collective
+        tick = time.monotonic()
+        with pytest.raises(TrainerError, match=r"stalled while running 'train'") as e:
+            trainer.train(0, ray.data.from_arrow(pairs))
+        assert 5 < time.monotonic() - tick < 20
+        assert f"rank 1 (pid {trainer.pids[1]}) silent for" in str(e.value) and "train.stall_timeout_s" in str(e.value)
+    finally:
+        for pid in trainer.pids:
+            os.kill(pid, signal.SIGKILL)
+        trainer.stop()
