@@ -1,7 +1,7 @@
 """Run every SPIN iteration as one Ray job.
 
     python jobs/spin.py                                   # the embedded toy world, local Ray, CPU
-    python jobs/spin.py --config configs/zephyr-7b.yaml train.lr=1e-7
+    python jobs/spin.py --config my.yaml train.lr=1e-7   # your model and data (README)
     ray job submit --working-dir . -- python jobs/spin.py --config my.yaml
 
 Bad config, model or data exit with status 2 and a message before Ray starts.

@@ -42,17 +42,10 @@ SETTINGS = [
 ]
 
 
-def alive(cluster: FakeCluster, class_name: str) -> list:
-    from ray.util.state import list_actors
-
-    filters = [("class_name", "=", class_name), ("state", "=", "ALIVE")]
-    return list_actors(address=cluster.dashboard, filters=filters, detail=True, raise_on_missing_output=False)
-
-
 def inject(cluster: FakeCluster, kind: str, rng: random.Random) -> str | None:
     """One fault of `kind` on a random target; returns what was hit, or None if nothing was there."""
     if kind in ("engine_kill", "engine_freeze", "worker_kill"):
-        targets = alive(cluster, "Engine" if kind.startswith("engine") else "RayTrainWorker")
+        targets = cluster.actors("Engine" if kind.startswith("engine") else "RayTrainWorker")
         if not targets:
             return None
         pid = rng.choice(targets).pid

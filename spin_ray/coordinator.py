@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -17,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from spin_ray.config import Config
 from spin_ray.data import Example, load_sft
@@ -25,7 +25,7 @@ from spin_ray.generation import sample_seed, through_engines
 from spin_ray.health import Engines
 from spin_ray.resume import check_unchanged, fingerprint, record, resume_point
 from spin_ray.tracking import Tracker
-from spin_ray.training import Trainer
+from spin_ray.training import Trainer, on_this_node
 
 # vLLM's CPU attention kernels reject other head sizes, and only after ~40 s of start-up.
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 256)
@@ -142,11 +142,15 @@ class Coordinator:
                 evaluation = self.evaluate(engines)  # held-out metrics of p_{t+1}
                 history.append(self._record_iteration(t, step, gen, train, sync, evaluation, tick))
         finally:  # whatever happened, nothing keeps running (or holding GPUs) after the job
-            if trainer is not None:
-                trainer.stop()
-            engines.shutdown()
-            self.tracker.finish()
+            self._shutdown(engines, trainer)
         return self._summary(history, engines, trainer)
+
+    def _shutdown(self, engines: Engines, trainer: Trainer | None) -> None:
+        """Best effort: a failure while cleaning up must not hide the error that ended the run."""
+        for stop in (trainer.stop if trainer else None, engines.shutdown, self.tracker.finish):
+            if stop is not None:
+                with contextlib.suppress(Exception):
+                    stop()
 
     def _summary(self, history: list[dict], engines: Engines, trainer: Trainer) -> dict[str, Any]:
         summary = {
@@ -246,6 +250,5 @@ class Coordinator:
 def run_job(cfg: Config, prepared: Prepared) -> dict[str, Any]:
     """Runs the coordinator as an actor on the driver's node (the head, under `ray job submit`),
     so it needs no GPU node to exist; returns its summary."""
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    coordinator = ray.remote(num_cpus=0, scheduling_strategy=here)(Coordinator).remote(cfg, prepared)
+    coordinator = ray.remote(num_cpus=0, scheduling_strategy=on_this_node())(Coordinator).remote(cfg, prepared)
     return ray.get(coordinator.run.remote())

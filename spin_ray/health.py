@@ -23,6 +23,7 @@ from spin_ray.config import Config, GenerationConfig
 from spin_ray.generation import launch_engine
 from spin_ray.sync import WeightSyncError, connect, plan_buckets, sync_weights
 from spin_ray.tracking import record_event
+from spin_ray.training import on_this_node
 
 
 @dataclass
@@ -211,7 +212,9 @@ class Engines:
 
     def __init__(self, cfg: Config, model_path: str, max_model_len: int):
         self.cfg = cfg
-        self.pool = EnginePool.options(scheduling_strategy=_here()).remote(
+        # On the driver's node (the head): the pool needs no GPU node to exist, and a 0-CPU actor
+        # on a worker node would not stop the autoscaler from removing that node.
+        self.pool = EnginePool.options(scheduling_strategy=on_this_node()).remote(
             model_path, cfg.model.dtype, cfg.generation, max_model_len, cfg.run.seed, cfg.run.output_dir
         )
         self.started = self.pool.start.remote()  # engines load while the trainer starts
@@ -256,10 +259,3 @@ class Engines:
 
     def shutdown(self) -> None:
         ray.get(self.pool.shutdown.remote())
-
-
-def _here() -> Any:
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # On the driver's node (the head): the pool needs no GPU node to exist.
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -102,7 +102,10 @@ class FakeCluster:
         self.port, self.dashboard_port = free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         bin_dir = Path(sys.executable).parent  # the `ray` of this environment
+        # The marker goes into every command's environment: some node processes inherit the
+        # environment of the `ray` command that led to them, not the head's.
         self.env = os.environ | {"RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        self.env[MARKER] = self.marker
         self.env.pop("RAY_ADDRESS", None)
         self.head: subprocess.Popen | None = None
 
@@ -120,7 +123,7 @@ class FakeCluster:
         self.address = f"{ray.util.get_node_ip_address()}:{self.port}"
         config = autoscaler_config(self.cluster_yaml, self.address, self.head_cpus, self.max_per_node)
         (self.root / "autoscaler.json").write_text(json.dumps(config, indent=2))
-        env = self.env | {MARKER: self.marker, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        env = self.env | {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         self.head = subprocess.Popen(
             [
                 "ray",
@@ -179,6 +182,13 @@ class FakeCluster:
             for n in alive
         ]
 
+    def actors(self, class_name: str) -> list[Any]:
+        """Alive actors of a class (their `pid` and `node_id`), e.g. "Engine", "RayTrainWorker"."""
+        from ray.util.state import list_actors
+
+        filters = [("class_name", "=", class_name), ("state", "=", "ALIVE")]
+        return list_actors(address=self.dashboard, filters=filters, detail=True, raise_on_missing_output=False)
+
     def node_pids(self) -> dict[str, int]:
         """node id -> the PID of that fake node's raylet (kill it to lose the node)."""
         pids = {}
@@ -194,21 +204,31 @@ class FakeCluster:
         return pids
 
     def pids(self) -> list[int]:
-        """Every process this cluster started: the marker in its environment, or (agents that
-        nodes start with a fresh environment) this cluster's GCS address on its command line."""
+        """Every process this cluster started: the marker in its environment, or this cluster's
+        GCS address on its command line, and every descendant of those (the agents that nodes
+        start re-exec under new names, and some miss the marker)."""
         needle = f"{MARKER}={self.marker}".encode()
         gcs = f":{self.port}".encode()
-        found = []
+        ours, children = set(), {}
         for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
-                try:
-                    env = (proc / "environ").read_bytes().split(b"\0")
-                    cmdline = (proc / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if needle in env or (b"ray" in cmdline and gcs in cmdline):
-                    found.append(int(proc.name))
-        return found
+            if not proc.name.isdigit():
+                continue
+            try:
+                env = (proc / "environ").read_bytes().split(b"\0")
+                cmdline = (proc / "cmdline").read_bytes()
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+            if needle in env or (b"ray" in cmdline and gcs in cmdline):
+                ours.add(int(proc.name))
+        todo = list(ours)
+        while todo:
+            for child in children.get(todo.pop(), []):
+                if child not in ours:
+                    ours.add(child)
+                    todo.append(child)
+        return sorted(ours)
 
     def stop(self) -> None:
         # Several rounds: a node the autoscaler was launching meanwhile starts its agents late.

@@ -321,6 +321,12 @@ class SpinWorker:
         return {}
 
 
+def on_this_node() -> Any:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def free_address() -> tuple[str, int]:
     """This node's IP and a free TCP port, for the weight-sync group's rendezvous."""
     with socket.socket() as s:
@@ -369,7 +375,9 @@ class Trainer:
 
         self.cfg = cfg
         n = cfg.train.num_workers
-        self.channel = Channel.remote(n, model_path)
+        # On this node (the head): a 0-CPU actor elsewhere would not keep its node busy, and the
+        # autoscaler would remove the node from under it.
+        self.channel = Channel.options(scheduling_strategy=on_this_node()).remote(n, model_path)
         resources = {"CPU": cfg.train.num_cpus} | ({cfg.train.resource: 1} if cfg.train.resource else {})
         if cfg.train.use_gpu:
             resources["GPU"] = 1

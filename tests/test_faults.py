@@ -45,13 +45,6 @@ PLACEMENT = [  # operational: where things run and how faults are handled
 ]
 
 
-def actors(cluster: FakeCluster, class_name: str) -> list:
-    from ray.util.state import list_actors
-
-    filters = [("class_name", "=", class_name), ("state", "=", "ALIVE")]
-    return list_actors(address=cluster.dashboard, filters=filters, detail=True, raise_on_missing_output=False)
-
-
 def wait_for(what: str, check, timeout: float = 300, every: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,13 +74,13 @@ def scenario(toy_run):
     command += [f"run.output_dir={out}", *SETTINGS, *PLACEMENT]
     seen: dict = {"node_types": set(), "engine_nodes": set(), "worker_nodes": set(), "nodes": {}}
     with FakeCluster(root, ROOT / "cluster.yaml") as cluster:
-        seen["nodes_before"] = [n["type"] for n in cluster.nodes()]
+        seen["nodes_before"] = [n["type"] for n in wait_for("the head", cluster.nodes, timeout=60, every=1)]
 
         def observe():
             for n in cluster.nodes():
                 seen["nodes"][n["node_id"]] = n["type"]
-            seen["engine_nodes"] |= {a.node_id for a in actors(cluster, "Engine")}
-            seen["worker_nodes"] |= {a.node_id for a in actors(cluster, "RayTrainWorker")}
+            seen["engine_nodes"] |= {a.node_id for a in cluster.actors("Engine")}
+            seen["worker_nodes"] |= {a.node_id for a in cluster.actors("RayTrainWorker")}
 
         # No --working-dir on a fake cluster (see spin_ray.testbed): the code is the editable install.
         cluster.ray("job", "submit", "--no-wait", *command)
@@ -96,12 +89,12 @@ def scenario(toy_run):
         # each once its work has started, so every kill lands mid-batch or mid-step.
         wait_for(
             "engines and workers",
-            lambda: len(actors(cluster, "Engine")) == len(actors(cluster, "RayTrainWorker")) == 2,
+            lambda: len(cluster.actors("Engine")) == len(cluster.actors("RayTrainWorker")) == 2,
             timeout=600,
             every=1,
         )
-        engines = [a.pid for a in actors(cluster, "Engine")]
-        worker = actors(cluster, "RayTrainWorker")[0].pid
+        engines = [a.pid for a in cluster.actors("Engine")]
+        worker = cluster.actors("RayTrainWorker")[0].pid
         # Polled tightly: the first generation takes ~0.5 s, the freeze must land inside it.
         wait_for("the start model's evaluation", lambda: (out / "metrics.jsonl").exists(), timeout=600, every=0.005)
         for pid in [*engines, worker]:
@@ -119,10 +112,12 @@ def scenario(toy_run):
         # Fault 3: the driver dies once iteration 2 is done. Freezing the coordinator first holds
         # the job right there (it would otherwise finish iteration 3 before the kill lands).
         wait_for("iteration 2 done", lambda: (out / "iter_1" / "DONE").exists(), every=0.02)
-        os.kill(actors(cluster, "Coordinator")[0].pid, signal.SIGSTOP)
+        coordinator = cluster.actors("Coordinator")[0].pid
+        os.kill(coordinator, signal.SIGSTOP)
         os.kill(wait_for("the driver", lambda: driver_pid(cluster)), signal.SIGKILL)
+        os.kill(coordinator, signal.SIGKILL)  # the driver's side of the job: gone with it
         seen["events_job_a"] = read_events(out)
-        wait_for("job A's processes to go", lambda: not actors(cluster, "Engine"), timeout=120)
+        wait_for("job A's processes to go", lambda: not cluster.actors("Engine"), timeout=120)
 
         # Job B: the same command resumes.
         proc = cluster.ray("job", "submit", *command, check=False, timeout=900)
@@ -162,7 +157,8 @@ def test_every_fault_survived_with_identical_pairs_and_weights(scenario):
     events = seen["events_job_a"]
     engine_events = [e for e in events if e["kind"] == "engine_replaced"]
     assert sorted(e["old_pid"] for e in engine_events) == sorted(seen["killed_engines"])
-    assert all("generate failed: ActorDiedError" in e["cause"] for e in engine_events)
+    # A death, seen by the batch's own call or by the health ping first, whichever came sooner.
+    assert all("ActorDiedError" in e["cause"] for e in engine_events)
     assert all(types_of(seen, e["new_node"]) == "gen_gpu" for e in engine_events)
     restarts = [e for e in events if e["kind"] == "trainer_restarted"]
     assert len(restarts) == 1 and restarts[0]["during"] == "train" and seen["killed_worker"] in restarts[0]["pids"]

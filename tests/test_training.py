@@ -113,7 +113,7 @@ def test_frozen_worker_is_reported_with_what_each_rank_was_doing(ray_session, to
         tick = time.monotonic()
         with pytest.raises(TrainerError, match=r"stalled while running 'train'") as e:
             trainer.train(0, ray.data.from_arrow(pairs))
-        assert 5 < time.monotonic() - tick < 20
+        assert 5 < time.monotonic() - tick < 60  # 5 s of silence, plus Ray Data's split on a busy machine
         assert f"rank 1 (pid {trainer.pids[1]}) silent for" in str(e.value) and "train.stall_timeout_s" in str(e.value)
     finally:
         for pid in trainer.pids:
