@@ -97,6 +97,8 @@ def main() -> int:
         tick = time.monotonic()
         while len(injected) < args.faults and not (chaos / "summary.json").exists():
             time.sleep(rng.uniform(*args.gap))
+            if "FAILED" in cluster.ray("job", "list", check=False).stdout:
+                break
             kind = rng.choice(kinds)
             target = inject(cluster, kind, rng)
             if target:

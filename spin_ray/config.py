@@ -105,7 +105,9 @@ class TrainConfig(Section):
     num_cpus: float = Field(1.0, gt=0, description="Logical CPUs per training worker.")
     resource: str | None = Field(None, description="Custom Ray resource each worker asks 1 of.")
     log_every: int = Field(10, gt=0, description="Steps between training log lines.")
-    max_restarts: int = Field(3, ge=0, description="Worker-group restarts (a lost worker or node) per job.")
+    max_restarts: int = Field(
+        3, ge=0, description="Worker-group restarts per Ray Train run, and new runs after errors it does not retry."
+    )
     start_timeout_s: float = Field(900, gt=0, description="Fail if a worker group is not up by then.")
     stall_timeout_s: float = Field(1800, gt=0, description="Fail if a train rank shows no progress this long.")
 

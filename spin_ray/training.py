@@ -370,43 +370,53 @@ class Trainer:
     restarted group (Ray Train's FailureConfig restarts the group when a worker or node is lost)."""
 
     def __init__(self, cfg: Config, model_path: str):
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
         self.cfg = cfg
-        n = cfg.train.num_workers
         # On this node (the head): a 0-CPU actor elsewhere would not keep its node busy, and the
         # autoscaler would remove the node from under it.
-        self.channel = Channel.options(scheduling_strategy=on_this_node()).remote(n, model_path)
-        resources = {"CPU": cfg.train.num_cpus} | ({cfg.train.resource: 1} if cfg.train.resource else {})
-        if cfg.train.use_gpu:
-            resources["GPU"] = 1
-        self._trainer = TorchTrainer(
-            worker_loop,
-            train_loop_config={"cfg": cfg, "channel": self.channel},
-            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=n, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(
-                name="spin-train",
-                storage_path=str(Path(cfg.run.output_dir).resolve() / "ray_train"),
-                failure_config=FailureConfig(max_failures=cfg.train.max_restarts),
-            ),
-        )
+        self.channel = Channel.options(scheduling_strategy=on_this_node()).remote(cfg.train.num_workers, model_path)
         self.generation = 0  # worker groups seen; goes up on every restart
         self.restarts: list[dict[str, Any]] = []
         self.pids: list[int] = []
         self.nodes: list[str] = []
         self._task_id = 0
         self._error: BaseException | None = None
+        self._stopping = False
         self._thread = threading.Thread(target=self._fit, daemon=True)
         self._thread.start()
         self.call("weight_specs")  # returns once every rank is up
 
+    def _torch_trainer(self, attempt: int) -> Any:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        t = self.cfg.train
+        resources = {"CPU": t.num_cpus} | ({t.resource: 1} if t.resource else {}) | ({"GPU": 1} if t.use_gpu else {})
+        return TorchTrainer(
+            worker_loop,
+            train_loop_config={"cfg": self.cfg, "channel": self.channel},
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(
+                name=f"spin-train-{attempt}",
+                storage_path=str(Path(self.cfg.run.output_dir).resolve() / "ray_train"),
+                failure_config=FailureConfig(max_failures=t.max_restarts),
+            ),
+        )
+
     def _fit(self) -> None:
-        try:
-            self._trainer.fit()
-        except BaseException as e:  # noqa: BLE001 - surfaced to the coordinator in call()
-            self._error = e
+        """Runs Ray Train until the workers are told to stop. Ray Train restarts the worker group
+        itself when a worker process dies; a lost node can instead surface as a controller error
+        it does not retry ("actor unavailable"), and then a new run starts here, up to
+        train.max_restarts times. Its workers say hello and get the interrupted task again."""
+        for attempt in range(self.cfg.train.max_restarts + 1):
+            try:
+                self._torch_trainer(attempt).fit()
+                return
+            except BaseException as e:  # noqa: BLE001 - surfaced to the coordinator in call()
+                self._error = e
+                if self._stopping:
+                    return
+                print(f"[train] Ray Train stopped ({type(e).__name__}); starting a new run", flush=True)
 
     def call(self, kind: str, per_rank: list[dict[str, Any]] | None = None, **task: Any) -> list[Any]:
         """Runs a SpinWorker method on every rank (the same `task`, or one dict per rank) and
@@ -512,6 +522,7 @@ class Trainer:
         return self.call("weight_specs")[0]
 
     def stop(self) -> None:
+        self._stopping = True
         self._task_id += 1
         self._post([{"kind": "stop"}] * len(self._ranks))
         self._thread.join(timeout=120)

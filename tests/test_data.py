@@ -192,3 +192,32 @@ def test_training_order_does_not_depend_on_the_order_pairs_were_written():
     assert first.to_pylist() == second.to_pylist() and first.num_rows == 300
     assert first["uid"].to_pylist() != sorted(first["uid"].to_pylist())  # shuffled, not just sorted
     assert shuffled(as_written, seed=4)["uid"].to_pylist() != first["uid"].to_pylist()
+
+
+def test_resume_trusts_only_complete_artifacts(tmp_path, toy):
+    """A crash leaves half-written files: a resumed run keeps what is whole and redoes the rest."""
+    import shutil
+
+    from spin_ray.config import load_config
+    from spin_ray.resume import resume_point
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"run.output_dir={out}", "spin.iterations=3"])
+    uids = {f"u{i}" for i in range(10)}
+    pairs = pa.Table.from_pylist([{"uid": u} for u in sorted(uids)])
+    for t in range(3):
+        (out / f"iter_{t}" / "pairs").mkdir(parents=True)
+        pq.write_table(pairs, out / f"iter_{t}" / "pairs" / "pairs.parquet")
+        shutil.copytree(toy.model_dir, out / f"iter_{t}" / "model")
+        (out / f"iter_{t}" / "DONE").write_text(json.dumps({"global_step": 10 * (t + 1)}))
+    assert resume_point(cfg, "p0", uids).start == 3  # all whole: nothing to redo
+
+    weights = out / "iter_1" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated checkpoint
+    pq.write_table(pairs.slice(0, 7), out / "iter_1" / "pairs" / "pairs.parquet")  # 7 of 10 pairs
+    point = resume_point(cfg, "p0", uids)
+    assert (point.start, point.model_path, point.global_step) == (1, str(out / "iter_0" / "model"), 10)
+    assert (out / "iter_0" / "DONE").exists()  # iteration 1 is untouched
+    assert not (out / "iter_1" / "DONE").exists() and not (out / "iter_1" / "model").exists()
+    assert not (out / "iter_1" / "pairs").exists()  # incomplete pairs are generated again
+    assert not (out / "iter_2").exists()  # built on an iteration that never finished
