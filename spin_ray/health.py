@@ -54,12 +54,11 @@ class EnginePool:
         self.changed = asyncio.Condition()
         self.watcher: asyncio.Task | None = None
 
-    async def start(self) -> list[dict[str, Any]]:
+    async def start(self) -> None:
         """Creates every engine and waits until all are up (the autoscaler may add nodes)."""
         await asyncio.gather(*(self._fill(i) for i in range(len(self.slots))))
         self._raise_if_fatal()
         self.watcher = asyncio.create_task(self._watch())
-        return [s.info for s in self.slots if s]
 
     async def _fill(self, i: int) -> None:
         """Starts engine i; one that dies while loading is started again (it counts as a restart)."""
@@ -72,14 +71,14 @@ class EnginePool:
                 if "creation task" in str(e) or len(self.events) >= self.cfg.max_restarts:
                     self.fatal = f"engine {i} failed to start: {e}"
                 else:
-                    self.events.append({"engine": i, "cause": f"died while starting: {type(e).__name__}"})
+                    self._record(i, f"died while starting: {type(e).__name__}", None, None, time.time(), 0.0)
                     continue
             except TimeoutError:
                 c = self.cfg
                 self.fatal = (
                     f"engine {i} not ready after {c.start_timeout_s:.0f} s. It asks for CPU={c.num_cpus}, "
                     f"GPU={c.num_gpus * c.tensor_parallel_size}"
-                    f"{', ' + self.cfg.resource + '=1' if self.cfg.resource else ''}; the cluster has "
+                    f"{', ' + c.resource + '=1' if c.resource else ''}; the cluster has "
                     f"{ray.cluster_resources()}. Fix generation.* (or raise generation.start_timeout_s while the "
                     "autoscaler adds nodes)"
                 )
@@ -130,16 +129,21 @@ class EnginePool:
     async def _replace(self, i: int, old: Slot, cause: str, lost_at: float) -> None:
         tick = time.perf_counter()
         await self._fill(i)
-        new = self.slots[i]
         self.generation += 1
+        self._record(i, cause, old.info.get("pid"), self.slots[i], lost_at, time.perf_counter() - tick)
+
+    def _record(
+        self, i: int, cause: str, old_pid: int | None, new: Slot | None, lost_at: float, recovery_s: float
+    ) -> None:
+        """One engine replacement, kept for stats() and appended to events.jsonl."""
         event = {
             "engine": i,
             "cause": cause,
-            "old_pid": old.info.get("pid"),
+            "old_pid": old_pid,
             "new_pid": new.info.get("pid") if new else None,
             "new_node": new.info.get("node") if new else None,
             "lost_at": lost_at,
-            "recovery_s": time.perf_counter() - tick,
+            "recovery_s": recovery_s,
         }
         self.events.append(event)
         record_event(self.output_dir, "engine_replaced", **event)
@@ -251,7 +255,7 @@ class Engines:
         tp = self.cfg.generation.tensor_parallel_size if self.cfg.generation.num_gpus else 1
         connect(trainer, engines, tp, self.cfg.sync.timeout_s)
         if not self.plan:
-            self.plan = plan_buckets(trainer.weight_specs(), int(self.cfg.sync.bucket_mb * 2**20))
+            self.plan = plan_buckets(trainer.weight_specs, int(self.cfg.sync.bucket_mb * 2**20))
         self.connected = now
 
     def stats(self) -> dict[str, Any]:

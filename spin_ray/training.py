@@ -383,7 +383,7 @@ class Trainer:
         self._stopping = False
         self._thread = threading.Thread(target=self._fit, daemon=True)
         self._thread.start()
-        self.call("weight_specs")  # returns once every rank is up
+        self.weight_specs = self.call("weight_specs")[0]  # returns once every rank is up
 
     def _torch_trainer(self, attempt: int) -> Any:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -471,7 +471,8 @@ class Trainer:
             limit = c.start_timeout_s if what in ("starting", "waiting to be scheduled") else c.stall_timeout_s
             quiet = state["now"] - max(when, posted)
             if quiet > limit:
-                stalled.append(f"rank {rank} (pid {self._pid(state, rank)}) silent for {quiet:.0f} s, last: {what!r}")
+                pid = (state["workers"][rank] or {}).get("pid")
+                stalled.append(f"rank {rank} (pid {pid}) silent for {quiet:.0f} s, last: {what!r}")
         if stalled:
             raise TrainerError(
                 f"the trainer stalled while running {kind!r}: " + "; ".join(stalled) + ". A frozen worker or a hung "
@@ -479,11 +480,6 @@ class Trainer:
                 "Check that rank's log and node; raise train.stall_timeout_s (train.start_timeout_s for start-up) "
                 "if a step is legitimately this slow."
             )
-
-    @staticmethod
-    def _pid(state: dict[str, Any], rank: int) -> int | None:
-        worker = state["workers"][rank]
-        return worker["pid"] if worker else None
 
     def set_model_path(self, path: str) -> None:
         """The weights a restarted group loads: the latest exported p_t."""
@@ -517,9 +513,6 @@ class Trainer:
         weights = self.call("export", model_dir=str(model_dir), pack_weights=pack_weights)[0].get("weights")
         self.set_model_path(str(model_dir))
         return weights
-
-    def weight_specs(self) -> list:
-        return self.call("weight_specs")[0]
 
     def stop(self) -> None:
         self._stopping = True
