@@ -2,14 +2,17 @@
 
     python jobs/spin.py                                   # the embedded toy world, local Ray, CPU
     python jobs/spin.py --config my.yaml train.lr=1e-7   # your model and data (README)
+    python jobs/spin.py --dry-run --config my.yaml       # check everything, print the plan, exit
     ray job submit --working-dir . -- python jobs/spin.py --config my.yaml
 
-Bad config, model or data exit with status 2 and a message before Ray starts.
+Bad config, model or data exit with status 2 and a message before Ray starts. The console shows
+progress; what the libraries print goes to run.output_dir/logs/ (`--verbose` shows it all here).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -20,6 +23,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the toy world)")
+    parser.add_argument("--dry-run", action="store_true", help="check config, model and data, print the plan, exit")
+    parser.add_argument("--verbose", action="store_true", help="show every library's output (same as run.verbose=true)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-6")
     args = parser.parse_args(argv)
 
@@ -28,51 +33,56 @@ def main(argv: list[str]) -> int:
     from spin_ray.data import DataError
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + ["run.verbose=true"] * args.verbose)
         cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
         prepared = prepare(cfg)
     except (ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"[spin-ray] {len(prepared.train)} training prompts, {len(prepared.eval)} held-out; model {prepared.model_path}"
-    )
+    if args.dry_run:
+        from spin_ray.plan import dry_run
+
+        return dry_run(cfg, prepared)
 
     import ray
 
+    from spin_ray.console import LOG_DIR_ENV, Console, header, log_driver_to, table
     from spin_ray.coordinator import run_job
 
-    # Ray Data's bars are unreadable when forwarded from actors: the coordinator prints progress.
+    out = Path(cfg.run.output_dir)
+    print(header(cfg, prepared), flush=True)
+    # Ray Data's bars are unreadable when forwarded from actors: the console draws progress.
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # Ray Train would print each worker line twice
+    runtime_env: dict = {"env_vars": env}
+    if not cfg.run.verbose:
+        log_driver_to(out / "logs")
+        env[LOG_DIR_ENV] = str(out / "logs")
+        runtime_env["worker_process_setup_hook"] = "spin_ray.console.capture_output"
+    init = dict(runtime_env=runtime_env, log_to_driver=cfg.run.verbose, configure_logging=cfg.run.verbose)
     if os.environ.get("RAY_ADDRESS") or cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env})
+        ray.init(address=cfg.run.ray_address, **init)
     else:
         # Logical CPUs, not cores: engines and train workers mostly wait on each other, and too few
         # slots leave an actor pending forever without a word.
         g, t = cfg.generation, cfg.train
         demand = g.num_engines * g.num_cpus + t.num_workers * t.num_cpus + 2
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(demand + 0.999)), runtime_env={"env_vars": env})
-    summary = run_job(cfg, prepared)
-    print_table(summary["history"])
-    print(f"\noutputs: {summary['output_dir']} (config.yaml, iter_<t>/pairs, iter_<t>/model, metrics.jsonl)")
+        num_cpus = max(os.cpu_count() or 1, int(demand + 0.999))
+        # Ray warns when more worker processes start than the machine has cores; this job starts
+        # one per actor by design, so the warning would be noise on a small machine.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
+        ray.init(num_cpus=num_cpus, **init)
+    try:
+        summary = run_job(cfg, prepared, Console(out))
+    except Exception as e:  # the whole story is in the logs; the console gets the cause
+        logging.getLogger("spin_ray").exception("the job failed")
+        cause = getattr(e, "cause", None) or e
+        print(f"\nerror: {type(cause).__name__}: {cause}\nlogs: {out / 'logs'}", file=sys.stderr)
+        return 1
+    print("\n" + table(summary["history"]))
+    print(f"\nreport:  {out / 'report.html'}  (python -m spin_ray.report {out} rebuilds it)")
+    print(f"outputs: {out} (config.yaml, iter_<t>/pairs, iter_<t>/model = p_t, metrics.jsonl, logs/)")
     return 0
-
-
-def print_table(history: list[dict]) -> None:
-    """One row per iteration; the first row is the start model (p0, or the resumed model)."""
-    columns = {
-        "loss": "train/loss",
-        "reward_acc": "train/rewards/accuracies",
-        "margin": "train/rewards/margins",
-        "eval_logp": "eval/logps/real",
-        "eval_acc": "eval/accuracy",
-        "seconds": "time/iteration_s",
-    }
-    print("\n" + f"{'iter':>6}" + "".join(f"{name:>12}" for name in columns))
-    for row in history:
-        label = "start" if row is history[0] else str(row["iteration"] + 1)
-        cells = (f"{row[key]:>12.4f}" if key in row else f"{'-':>12}" for key in columns.values())
-        print(f"{label:>6}" + "".join(cells))
 
 
 if __name__ == "__main__":

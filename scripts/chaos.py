@@ -113,7 +113,7 @@ def main() -> int:
 
     events = [json.loads(line) for line in (chaos / "events.jsonl").read_text().splitlines()]
     lost = dup = 0
-    for t in range(args.iterations):
+    for t in range(1, args.iterations + 1):
         want, got = set(pairs(clean, t)), pairs(chaos, t)
         lost += len(want - set(got))
         dup += len(got) - len(set(got))

@@ -76,6 +76,11 @@ class GenerationConfig(Section):
 
 
 class SpinConfig(Section):
+    objective: Literal["spin", "sft"] = Field(
+        "spin",
+        description="`sft`: the same-compute baseline, NLL of the real answers with the same steps, data and "
+        "schedule (no generation).",
+    )
     iterations: int = Field(3, gt=0, description="SPIN iterations.")
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the SPIN loss.")
     loss_type: Literal["sigmoid", "hinge", "ipo"] = Field("sigmoid", description="SPIN loss.")
@@ -112,10 +117,32 @@ class TrainConfig(Section):
     stall_timeout_s: float = Field(1800, gt=0, description="Fail if a train rank shows no progress this long.")
 
 
+class EvalConfig(Section):
+    hooks: list[str] = Field(
+        [],
+        description="`pkg.module:function`s called with (checkpoint dir, iteration) after each iteration; "
+        "their dict is logged under eval/<function>/.",
+    )
+
+
 class SyncConfig(Section):
     method: Literal["object_store", "broadcast"] = Field("object_store", description="Weight transfer path.")
     bucket_mb: float = Field(32, gt=0, description="Bucket size of the broadcast path, in MiB.")
     timeout_s: float = Field(120, gt=0, description="A broadcast step that stalls this long fails the sync.")
+
+
+class ServeConfig(Section):
+    host: str = Field("127.0.0.1", description="Address the OpenAI endpoint binds (0.0.0.0 exposes it).")
+    port: int = Field(8000, gt=0, lt=65536, description="Its port.")
+    api_key_env: str = Field(
+        "SPIN_SERVE_API_KEY", description="Environment variable holding the bearer key; unset = no key asked."
+    )
+    min_replicas: int = Field(1, ge=0, description="Replicas per served model, at least.")
+    max_replicas: int = Field(1, gt=0, description="Replicas per served model, at most (autoscaling).")
+    max_tokens: int = Field(256, gt=0, description="Most new tokens a request may ask for (also its default).")
+    max_prompt_tokens: int | None = Field(None, gt=0, description="Longest prompt (default: data.max_prompt_tokens).")
+    max_body_kb: int = Field(256, gt=0, description="Largest request body.")
+    max_concurrency: int = Field(64, gt=0, description="Requests in flight; more get 429.")
 
 
 class RunConfig(Section):
@@ -125,6 +152,9 @@ class RunConfig(Section):
     wandb_project: str = Field("spin-ray", description="W&B project.")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto = online when WANDB_API_KEY is set, else offline."
+    )
+    verbose: bool = Field(
+        False, description="Show every library's output on the console (default: in output_dir/logs/ only)."
     )
     allow_config_change: bool = Field(
         False, description="Resume a run dir whose results-changing settings or data differ (else refused)."
@@ -137,7 +167,9 @@ class Config(Section):
     generation: GenerationConfig = GenerationConfig()
     spin: SpinConfig = SpinConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     sync: SyncConfig = SyncConfig()
+    serve: ServeConfig = ServeConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")

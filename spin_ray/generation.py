@@ -17,6 +17,7 @@ import pyarrow as pa
 import ray
 
 from spin_ray.config import GenerationConfig
+from spin_ray.console import name_log
 
 
 def sample_seed(run_seed: int, iteration: int, uid: str) -> int:
@@ -32,6 +33,7 @@ class Engine:
     def __init__(self, model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int):
         from vllm import LLM
 
+        name_log("engine")
         on_cpu = cfg.num_gpus == 0
         kwargs: dict[str, Any] = {}
         if on_cpu:
@@ -144,8 +146,8 @@ def start_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_
     return engines
 
 
-def launch_engine(model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int) -> Any:
-    """Creates one engine actor and returns at once (it loads in the background)."""
+def engine_env(cfg: GenerationConfig) -> dict[str, str]:
+    """Environment of an engine process (the job's engines and Serve's alike)."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if cfg.num_gpus == 0:
         # In-process engine: half the memory and start-up of multiprocess mode on CPU; one OMP
@@ -159,6 +161,12 @@ def launch_engine(model_path: str, dtype: str, cfg: GenerationConfig, max_model_
     for name in ("VLLM_CACHE_ROOT", "HF_HOME", "HF_HUB_OFFLINE"):
         if name in os.environ:
             env[name] = os.environ[name]
+    return env
+
+
+def launch_engine(model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int) -> Any:
+    """Creates one engine actor and returns at once (it loads in the background)."""
+    env = engine_env(cfg)
     # Work runs one call at a time (`LLM` is not thread-safe); queued batches wait in the actor's
     # mailbox, so the engine never idles between them. Health pings get a thread of their own.
     actor = ray.remote(concurrency_groups={"health": 1})(Engine).options(

@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from spin_ray.config import Config, GenerationConfig
+from spin_ray.console import name_log
 from spin_ray.generation import launch_engine
 from spin_ray.sync import WeightSyncError, connect, plan_buckets, sync_weights
 from spin_ray.tracking import record_event
@@ -43,6 +44,7 @@ class EnginePool:
     def __init__(
         self, model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int, output_dir: str
     ):
+        name_log("engine-pool")
         self.cfg, self.dtype, self.max_model_len, self.seed = cfg, dtype, max_model_len, seed
         self.output_dir = output_dir
         self.weights = model_path  # what a replacement loads: p_0, then the latest exported p_t

@@ -1,4 +1,5 @@
-"""The SPIN loss (Chen et al. 2024, eq. 4.7) and the summed response log-probs it is made of."""
+"""The SPIN loss (Chen et al. 2024, eq. 4.7), the SFT baseline's loss, and the summed response
+log-probs both are made of."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def spin_loss(
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}: use sigmoid, hinge or ipo")
     return losses, beta * real_logratios.detach(), beta * generated_logratios.detach()
+
+
+def sft_loss(real_logps: torch.Tensor, real_tokens: torch.Tensor) -> torch.Tensor:
+    """The baseline's loss: negative log-likelihood per real response token, over the micro batch
+    (the usual SFT normalization, as in TRL and the official SPIN's SFT stage)."""
+    return -real_logps.sum() / real_tokens.sum()
 
 
 def spin_metrics(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,19 +44,22 @@ OPERATIONAL = (
     "train.max_restarts",
     "train.stall_timeout_s",
     "sync.",
+    "eval.",  # hooks only add metrics
+    "serve.",
     "run.output_dir",
     "run.ray_address",
     "run.wandb_project",
     "run.wandb_mode",
+    "run.verbose",
     "run.allow_config_change",
 )
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -75,8 +79,8 @@ def check_unchanged(cfg: Config, data_fingerprint: str) -> None:
     stored_path = out / "config.yaml"
     if not stored_path.exists():
         return
-    stored = _flatten(yaml.safe_load(stored_path.read_text()) or {})
-    now = _flatten(cfg.model_dump())
+    stored = flatten(yaml.safe_load(stored_path.read_text()) or {})
+    now = flatten(cfg.model_dump())
     stored_fp = (out / "data_fingerprint").read_text().strip() if (out / "data_fingerprint").exists() else None
     changed = [
         f"{key}: {stored.get(key)!r} -> {now.get(key)!r}"
@@ -128,35 +132,35 @@ def valid_pairs(pairs_dir: Path, uids: set[str]) -> bool:
 
 @dataclass
 class ResumePoint:
-    start: int  # first iteration to run
+    start: int  # first iteration to run (1-based: iteration t trains p_t)
     model_path: str  # the weights it starts from
     global_step: int
 
 
-def resume_point(cfg: Config, base_model: str, uids: set[str]) -> ResumePoint:
+def resume_point(cfg: Config, base_model: str, uids: set[str], say: Callable[[str], None] = print) -> ResumePoint:
     """The first iteration not done, after removing whatever a crash left half-written."""
     out = Path(cfg.run.output_dir)
-    point = ResumePoint(0, base_model, 0)
-    for t in range(cfg.spin.iterations):
+    point = ResumePoint(1, base_model, 0)
+    for t in range(1, cfg.spin.iterations + 1):
         it = out / f"iter_{t}"
         done = it / "DONE"
         if done.exists() and valid_checkpoint(it / "model"):
             point = ResumePoint(t + 1, str(it / "model"), json.loads(done.read_text())["global_step"])
             continue
-        # Not done: keep only its complete pairs (made by p_t, which is done); anything of a later
-        # iteration was built on an iteration that never finished.
+        # Not done: keep only its complete pairs (made by p_{t-1}, which is done); anything of a
+        # later iteration was built on an iteration that never finished.
         for later in out.glob("iter_*"):
             if int(later.name.removeprefix("iter_")) > t:
                 shutil.rmtree(later)
         if it.exists():
-            _clean(it, uids)
+            _clean(it, uids, say)
         break
-    if point.start:
-        print(f"[resume] iterations 1..{point.start} are done in {out}; continuing from there", flush=True)
+    if point.start > 1:
+        say(f"[resume] iterations 1..{point.start - 1} are done in {out}; continuing from there")
     return point
 
 
-def _clean(it: Path, uids: set[str]) -> None:
+def _clean(it: Path, uids: set[str], say: Callable[[str], None]) -> None:
     for name in ("DONE", "model", "model.tmp", "pairs.tmp"):
         path = it / name
         if path.is_dir():
@@ -165,5 +169,5 @@ def _clean(it: Path, uids: set[str]) -> None:
             path.unlink()
     pairs = it / "pairs"
     if pairs.exists() and not valid_pairs(pairs, uids):
-        print(f"[resume] {pairs} is incomplete or unreadable: regenerating it", flush=True)
+        say(f"[resume] {pairs} is incomplete or unreadable: regenerating it")
         shutil.rmtree(pairs)

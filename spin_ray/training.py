@@ -3,7 +3,7 @@
 One `TorchTrainer.fit()` per job, not per iteration (a fit costs ~36 s of start-up on CPU against
 seconds of training). The coordinator hands each iteration's data shards to the running workers
 through a small `Channel` actor and collects what they return: metrics and, from rank 0, the new
-weights. The policy a worker holds at the end of iteration t is p_{t+1}: it becomes the next
+weights. The policy a worker holds at the end of iteration t is p_t: it becomes the next
 reference in memory, without a reload from disk.
 """
 
@@ -27,8 +27,9 @@ import ray
 import torch
 
 from spin_ray.config import Config
+from spin_ray.console import name_log
 from spin_ray.data import pad_pairs
-from spin_ray.loss import sequence_logps, spin_loss, spin_metrics
+from spin_ray.loss import sequence_logps, sft_loss, spin_loss, spin_metrics
 from spin_ray.sync import Spec, pack, send_buckets, weight_group
 from spin_ray.tracking import record_event
 
@@ -53,6 +54,7 @@ class Channel:
         self.greeted: set[int] = set()  # ranks of the group now starting
         self.generation = 0  # complete worker groups so far
         self.beats: dict[int, tuple[float, str]] = {}  # rank -> (time, what it is doing)
+        self.steps: dict[int, tuple[int, int]] = {}  # rank -> (optimizer steps done, of how many)
 
     async def hello(self, rank: int, info: dict[str, Any]) -> str:
         self.tasks[rank] = asyncio.Queue()
@@ -72,6 +74,7 @@ class Channel:
         """Queues one task per rank if the group is still `generation`; returns the current one
         (a group that restarted since the caller last looked must get the task after its hello)."""
         if generation == self.generation:
+            self.steps.clear()  # the progress of the task before is not this one's
             for queue, task in zip(self.tasks, tasks, strict=True):
                 queue.put_nowait({"task_id": task_id, **task})
         return self.generation
@@ -79,8 +82,10 @@ class Channel:
     async def next_task(self, rank: int) -> dict[str, Any]:
         return await self.tasks[rank].get()
 
-    async def beat(self, rank: int, what: str) -> None:
+    async def beat(self, rank: int, what: str, steps: tuple[int, int] | None = None) -> None:
         self.beats[rank] = (time.time(), what)
+        if steps:
+            self.steps[rank] = steps
 
     async def reply(self, rank: int, task_id: int, result: Any) -> None:
         self.replies.setdefault(task_id, {})[rank] = result
@@ -93,6 +98,7 @@ class Channel:
             "generation": self.generation,
             "workers": [self.workers.get(r) for r in range(self.world_size)],
             "beats": dict(self.beats),
+            "steps": dict(self.steps),
             "now": time.time(),
         }
 
@@ -153,7 +159,7 @@ class SpinWorker:
         optimizer = optimizer_cls(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_config)
         self.reference = None
-        if cfg.spin.reference == "model":
+        if cfg.spin.reference == "model" and cfg.spin.objective == "spin":
             reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
             reference.requires_grad_(False)
             if cfg.train.zero_stage == 3:
@@ -185,6 +191,8 @@ class SpinWorker:
 
     def step_batch(self, rows: dict[str, Any]) -> dict[str, float]:
         """One micro batch of pairs: real and generated in one forward pass."""
+        if self.cfg.spin.objective == "sft":
+            return self.sft_step(rows)
         n = len(rows["prompt_ids"])
         prompts = [list(p) for p in rows["prompt_ids"]] * 2
         responses = [list(r) for r in rows["real_ids"]] + [list(g) for g in rows["generated_ids"]]
@@ -204,6 +212,16 @@ class SpinWorker:
         self.engine.step()
         return spin_metrics(losses, real_rewards, generated_rewards, policy[:n], policy[n:])
 
+    def sft_step(self, rows: dict[str, Any]) -> dict[str, float]:
+        """One micro batch of the baseline: the real answers only, no reference."""
+        prompts, real = [list(p) for p in rows["prompt_ids"]], [list(r) for r in rows["real_ids"]]
+        batch = {k: v.to(self.engine.device) for k, v in pad_pairs(prompts, real, self.pad_id).items()}
+        logps = self._logps(self.engine, batch)
+        loss = sft_loss(logps, batch["response_mask"][:, 1:].sum(-1))
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"loss": loss.item(), "logps/real": logps.detach().mean().item()}
+
     def _mean_over_ranks(self, metrics: list[dict[str, float]]) -> dict[str, float]:
         keys = sorted(metrics[0])
         # On the engine's device: NCCL reduces only GPU tensors.
@@ -212,7 +230,7 @@ class SpinWorker:
         return dict(zip(keys, (local / self.world_size).tolist(), strict=True))
 
     def train(self, iteration: int, shard: ray.data.Dataset, rows_per_rank: int) -> dict[str, Any]:
-        """Trains p_{t+1} from p_t on this rank's shard; returns the log lines (rank-averaged)."""
+        """Trains p_t from p_{t-1} on this rank's shard; returns the log lines (rank-averaged)."""
         t = self.cfg.train
         if self.reference is not None:
             self._refresh_reference()
@@ -229,18 +247,16 @@ class SpinWorker:
                     group["lr"] = lr
                 window.append(self.step_batch(rows))
                 micro += 1
-                self.beat(f"training iteration {iteration + 1}, step {micro}/{micro_steps}")
+                steps = (micro // t.grad_accum, total_steps)
+                self.beat(f"training iteration {iteration}, micro-batch {micro}/{micro_steps}", steps)
                 if micro % t.log_every == 0 or micro == micro_steps:
                     line = {"iteration": iteration, "step": micro, "epoch": epoch, "lr": lr}
                     line |= self._mean_over_ranks(window)
                     window = []
                     logs.append(line)
                     if self.rank == 0:
-                        print(
-                            f"[train] iter {iteration} step {micro}/{micro_steps} loss {line['loss']:.4f} "
-                            f"acc {line['rewards/accuracies']:.3f} margin {line['rewards/margins']:.4f}",
-                            flush=True,
-                        )
+                        shown = " ".join(f"{k} {v:.4f}" for k, v in line.items() if "/" in k or k == "loss")
+                        print(f"[train] iteration {iteration} micro-batch {micro}/{micro_steps} {shown}", flush=True)
         return {"logs": logs, "seconds": time.perf_counter() - start, "steps": micro, "pid": os.getpid()}
 
     @torch.no_grad()
@@ -343,10 +359,11 @@ def worker_loop(config: dict[str, Any]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(max(1, int(cfg.train.num_cpus)))
     rank = ray.train.get_context().get_world_rank()
+    name_log(f"train-rank{rank}")
     here = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
     model_path = ray.get(channel.hello.remote(rank, here))
     worker = SpinWorker(cfg, model_path)
-    worker.beat = lambda what: channel.beat.remote(rank, what)
+    worker.beat = lambda what, steps=None: channel.beat.remote(rank, what, steps)
     worker.beat("ready")
     while True:
         task = ray.get(channel.next_task.remote(rank))
@@ -418,9 +435,16 @@ class Trainer:
                     return
                 print(f"[train] Ray Train stopped ({type(e).__name__}); starting a new run", flush=True)
 
-    def call(self, kind: str, per_rank: list[dict[str, Any]] | None = None, **task: Any) -> list[Any]:
+    def call(
+        self,
+        kind: str,
+        per_rank: list[dict[str, Any]] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        **task: Any,
+    ) -> list[Any]:
         """Runs a SpinWorker method on every rank (the same `task`, or one dict per rank) and
-        returns every rank's result. A group that restarts meanwhile gets the task again."""
+        returns every rank's result; `on_progress(done, total)` hears rank 0's optimizer steps.
+        A group that restarts meanwhile gets the task again."""
         tasks = [{"kind": kind, **t} for t in per_rank] if per_rank else [{"kind": kind, **task}] * len(self._ranks)
         posted = time.time()
         self._task_id += 1
@@ -440,6 +464,8 @@ class Trainer:
                 self._post(tasks)
                 posted = state["now"]
                 continue
+            if on_progress and 0 in state["steps"]:
+                on_progress(*state["steps"][0])
             if state["results"] is not None:
                 errors = [r["error"] for r in state["results"] if isinstance(r, dict) and "error" in r]
                 if errors:
@@ -485,7 +511,9 @@ class Trainer:
         """The weights a restarted group loads: the latest exported p_t."""
         ray.get(self.channel.set_model_path.remote(path))
 
-    def train(self, iteration: int, pairs: ray.data.Dataset) -> dict[str, Any]:
+    def train(
+        self, iteration: int, pairs: ray.data.Dataset, on_progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
         """One SPIN iteration of training on `pairs`; equal rows per rank, so equal steps."""
         n = self.cfg.train.num_workers
         pairs = pairs.materialize()  # count and split must not run a lazy pipeline (engine scoring) twice
@@ -494,7 +522,7 @@ class Trainer:
             print(f"[train] dropping {total % n} of {total} pairs so every rank runs the same steps")
         shards = pairs.split(n, equal=True)
         per_rank = [{"iteration": iteration, "shard": s, "rows_per_rank": total // n} for s in shards]
-        return self.call("train", per_rank)[0]
+        return self.call("train", per_rank, on_progress)[0]
 
     def score(self, pairs: pa.Table) -> dict[str, tuple[float, float]]:
         """{uid: (log p(real), log p(generated))} under the current policy."""

@@ -29,8 +29,11 @@ def ray_session():
         include_dashboard=False,
         runtime_env={
             "env_vars": {
-                k: os.environ[k]
-                for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
+                **{
+                    k: os.environ[k]
+                    for k in ("RAY_DATA_DISABLE_PROGRESS_BARS", "VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
+                },
+                "PYTHONPATH": os.path.dirname(__file__),  # the coordinator imports tests/eval_hooks.py
             }
         },
     )
@@ -67,6 +70,7 @@ def toy_run(ray_session, toy, tmp_path_factory):
     train = repeated_records_file(toy, root / "train.jsonl")
     summaries = []
     for iterations in (2, 3):
-        cfg = toy_config(root / "run", train, f"spin.iterations={iterations}")
+        hooks = 'eval.hooks=["eval_hooks:checkpoint", "eval_hooks:broken"]'
+        cfg = toy_config(root / "run", train, f"spin.iterations={iterations}", hooks)
         summaries.append(run_job(cfg, prepare(cfg)))
     return root / "run", *summaries

@@ -54,6 +54,24 @@ def hf_logps(model_dir, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return logps[: len(rows)], logps[len(rows) :]
 
 
+def run_notebook(run_dir: Path):
+    """Executes notebooks/spin_run.ipynb on `run_dir`; returns the executed notebook."""
+    import os
+
+    import nbclient
+    import nbformat
+
+    path = ROOT / "notebooks" / "spin_run.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    os.environ["SPIN_RUN_DIR"] = str(run_dir)
+    try:
+        resources = {"metadata": {"path": str(path.parent)}}
+        nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources=resources).execute()
+    finally:
+        del os.environ["SPIN_RUN_DIR"]
+    return nb
+
+
 N_PROMPTS = 48  # records of the end-to-end runs: 40 distinct, 8 exact repeats, no ids
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -205,19 +205,19 @@ def test_resume_trusts_only_complete_artifacts(tmp_path, toy):
     cfg = load_config(None, [f"run.output_dir={out}", "spin.iterations=3"])
     uids = {f"u{i}" for i in range(10)}
     pairs = pa.Table.from_pylist([{"uid": u} for u in sorted(uids)])
-    for t in range(3):
+    for t in (1, 2, 3):
         (out / f"iter_{t}" / "pairs").mkdir(parents=True)
         pq.write_table(pairs, out / f"iter_{t}" / "pairs" / "pairs.parquet")
         shutil.copytree(toy.model_dir, out / f"iter_{t}" / "model")
-        (out / f"iter_{t}" / "DONE").write_text(json.dumps({"global_step": 10 * (t + 1)}))
-    assert resume_point(cfg, "p0", uids).start == 3  # all whole: nothing to redo
+        (out / f"iter_{t}" / "DONE").write_text(json.dumps({"global_step": 10 * t}))
+    assert resume_point(cfg, "p0", uids).start == 4  # all whole: nothing to redo
 
-    weights = out / "iter_1" / "model" / "model.safetensors"
+    weights = out / "iter_2" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated checkpoint
-    pq.write_table(pairs.slice(0, 7), out / "iter_1" / "pairs" / "pairs.parquet")  # 7 of 10 pairs
+    pq.write_table(pairs.slice(0, 7), out / "iter_2" / "pairs" / "pairs.parquet")  # 7 of 10 pairs
     point = resume_point(cfg, "p0", uids)
-    assert (point.start, point.model_path, point.global_step) == (1, str(out / "iter_0" / "model"), 10)
-    assert (out / "iter_0" / "DONE").exists()  # iteration 1 is untouched
-    assert not (out / "iter_1" / "DONE").exists() and not (out / "iter_1" / "model").exists()
-    assert not (out / "iter_1" / "pairs").exists()  # incomplete pairs are generated again
-    assert not (out / "iter_2").exists()  # built on an iteration that never finished
+    assert (point.start, point.model_path, point.global_step) == (2, str(out / "iter_1" / "model"), 10)
+    assert (out / "iter_1" / "DONE").exists()  # iteration 1 is untouched
+    assert not (out / "iter_2" / "DONE").exists() and not (out / "iter_2" / "model").exists()
+    assert not (out / "iter_2" / "pairs").exists()  # incomplete pairs are generated again
+    assert not (out / "iter_3").exists()  # built on an iteration that never finished

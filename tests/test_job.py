@@ -9,12 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import nbclient
-import nbformat
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import N_PROMPTS
+from helpers import N_PROMPTS, run_notebook
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_records import history
 
@@ -48,10 +46,10 @@ def test_artifacts_and_engines_started_once(run):
     out, first, second = run
     assert first["engine_starts"] == 1 and second["engine_starts"] == 1
     assert first["engine_replacements"] == [] and first["trainer_restarts"] == []
-    assert [r["iteration"] for r in second["history"]] == [1, 2]  # resumed: start = p_2, then iteration 3
+    assert [r["iteration"] for r in second["history"]] == [2, 3]  # resumed: start = p_2, then iteration 3
     assert (out / "config.yaml").exists() and (out / "summary.json").exists()
-    assert not (out / "ray_train" / "spin-train" / "iter_0").exists()  # no optimizer state nobody reads
-    for t in range(3):
+    assert not (out / "ray_train" / "spin-train" / "iter_1").exists()  # no optimizer state nobody reads
+    for t in (1, 2, 3):
         pairs = pq.read_table(out / f"iter_{t}" / "pairs")
         # One pair per record: repeated prompts and exactly equal records are kept, each its own uid.
         assert pairs.num_rows == N_PROMPTS and len(set(pairs["uid"].to_pylist())) == N_PROMPTS
@@ -60,10 +58,10 @@ def test_artifacts_and_engines_started_once(run):
 
 
 def test_each_iteration_generates_with_the_swapped_weights(run, toy):
-    """Greedy pairs of iteration t+1 are exactly HF greedy decoding of iter_<t>/model."""
+    """Greedy pairs of iteration t+1 are exactly HF greedy decoding of iter_<t>/model (p_t)."""
     out, _, _ = run
     tok = AutoTokenizer.from_pretrained(toy.model_dir)
-    for t in range(2):
+    for t in (1, 2):
         model = AutoModelForCausalLM.from_pretrained(out / f"iter_{t}" / "model", dtype=torch.float32).eval()
         pairs = pq.read_table(out / f"iter_{t + 1}" / "pairs").to_pylist()
         for row in pairs[:16]:
@@ -79,14 +77,23 @@ def test_metrics_jsonl_and_wandb(run):
     out, _, _ = run
     lines = read_metrics(out)
     rows = [x for x in lines if "global_step" in x]
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
     for key in METRICS:
         assert all(key in r for r in rows), key
     assert any("train/lr" in x for x in lines)  # per-log-step training lines
+    # The held-out metrics, and the user's hook on every checkpoint; the failing hook changed nothing.
+    for key in ("eval/self_preference", "eval/exact_match", "eval/distinct_2", "eval/length/generated"):
+        assert all(0 <= r[key] <= 8 for r in rows), key
+    assert [(r["eval/checkpoint/iteration"], r["eval/checkpoint/has_weights"]) for r in rows] == [
+        (1, 1.0),
+        (2, 1.0),
+        (3, 1.0),
+    ]
+    assert not any(k.startswith("eval/broken") for x in lines for k in x)
     logged = history(out)
     for key in METRICS:
         assert any(key in r for r in logged), key
-    assert [r["iteration"] for r in logged if "global_step" in r] == [0, 1, 2]  # one run across the resume
+    assert [r["iteration"] for r in logged if "global_step" in r] == [1, 2, 3]  # one run across the resume
 
 
 def test_resume_with_changed_settings_is_refused_before_ray(run, toy):
@@ -105,14 +112,9 @@ def test_resume_with_changed_settings_is_refused_before_ray(run, toy):
     assert "Started a local Ray" not in proc.stdout + proc.stderr
 
 
-def test_notebook_executes(run, monkeypatch):
+def test_notebook_executes(run):
     out, _, _ = run
-    monkeypatch.setenv("SPIN_RUN_DIR", str(out))
-    path = ROOT / "notebooks" / "spin_run.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(
-        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+    nb = run_notebook(out)
     assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
 
 
@@ -126,6 +128,7 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
     """`ray job submit -- python jobs/spin.py` against our own head, on its own ports and temp dir."""
     bin_dir = Path(sys.executable).parent
     env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env["RAY_worker_maximum_startup_concurrency"] = "6"  # as the job's own local Ray: one per logical CPU
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path("/tmp") / f"spinray-{os.getpid()}"  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
@@ -190,6 +193,21 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["engine_starts"] == 1 and len(summary["history"]) == 3
         assert all(row["sync/bytes"] > 100_000 for row in summary["history"][1:])
+        # The console: progress per phase, nothing the libraries print; that is all in logs/.
+        console = proc.stdout
+        for phase in ("start-up", "eval", "generate", "reference", "train", "export", "sync"):
+            assert f"[{0 if phase in ('start-up', 'eval') else 1}/2] {phase} " in console, phase
+        assert "[2/2] done in" in console and "report:" in console
+        assert len(console.splitlines()) < 60, console
+        assert "pid=" not in console and "Dataset" not in console and "WARNING" not in console, console
+        logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+        everything = "".join(logs.values())
+        for library_line in ("Starting execution of Dataset", "Loading safetensors checkpoint shards", "world_rank=1"):
+            assert library_line in everything, library_line
+        (rank0,) = [text for name, text in logs.items() if name.startswith("train-rank0-")]
+        train_lines = [line for line in rank0.splitlines() if line.startswith("[train] iteration")]
+        assert train_lines and len(train_lines) == len(set(train_lines))  # each once
+        assert (out / "report.html").exists()
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # stop our head by its process group, never `ray stop`
         head.wait(timeout=60)

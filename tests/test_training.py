@@ -20,7 +20,7 @@ from spin_ray.training import TrainerError
 def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs, tmp_path):
     trainer = make_trainer(toy, tmp_path, "train.zero_stage=3", "train.epochs=2")
     try:
-        first = trainer.train(0, ray.data.from_arrow(pairs))
+        first = trainer.train(1, ray.data.from_arrow(pairs))
         step1 = first["logs"][0]
         real, generated = hf_logps(toy.model_dir, pairs)
         # 16 pairs, 8 per rank, one micro batch each: step 1 sees every pair, policy == reference.
@@ -30,15 +30,15 @@ def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs,
         assert step1["rewards/margins"] == 0
         assert first["logs"][1]["loss"] < math.log(2)  # step 2 moved away from the reference
 
-        trainer.export(tmp_path / "iter_0" / "model")
+        trainer.export(tmp_path / "iter_1" / "model")
         trained = trainer.score(pairs)
-        exported_real, exported_gen = hf_logps(tmp_path / "iter_0" / "model", pairs)
+        exported_real, exported_gen = hf_logps(tmp_path / "iter_1" / "model", pairs)
         got = np.array([trained[u] for u in pairs["uid"].to_pylist()])
         np.testing.assert_allclose(got[:, 0], exported_real, atol=1e-5, rtol=0)
         np.testing.assert_allclose(got[:, 1], exported_gen, atol=1e-5, rtol=0)
         assert np.abs(exported_real - real).max() > 1e-3  # training changed the weights
 
-        second = trainer.train(1, ray.data.from_arrow(pairs))
+        second = trainer.train(2, ray.data.from_arrow(pairs))
         # The reference is now the exported p_1: the first step of iteration 2 is log(2) again.
         assert second["logs"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert second["logs"][0]["logps/real"] == pytest.approx(exported_real.mean(), abs=1e-5)
@@ -57,10 +57,34 @@ def test_zero2_engine_reference_odd_pairs_same_workers(ray_session, toy, pairs, 
     trainer = make_trainer(toy, tmp_path, "train.zero_stage=2", "spin.reference=engines", "train.batch_size=2")
     try:
         pids = set(trainer.pids)
-        for t in range(2):
+        for t in (1, 2):
             result = trainer.train(t, ray.data.from_arrow(with_ref))  # 7 pairs on 2 ranks: no hang
             assert result["steps"] == 2 and result["pid"] in pids  # 3 pairs per rank, batches of 2
         assert set(trainer.pids) == pids
+    finally:
+        trainer.stop()
+
+
+def test_sft_arm_exact_nll_and_the_same_steps(ray_session, toy, pairs, tmp_path):
+    """The baseline: the same rows and optimizer steps as SPIN (test above: 2 epochs -> 2 steps),
+    its loss the token-mean NLL of the real answers, on each rank's 8 rows, averaged over ranks."""
+    real, _ = hf_logps(toy.model_dir, pairs)
+    tokens = np.array([len(r) for r in pairs["real_ids"].to_pylist()])
+    nll = [-real[half].sum() / tokens[half].sum() for half in (slice(0, 8), slice(8, 16))]
+    trainer = make_trainer(toy, tmp_path, "spin.objective=sft", "train.zero_stage=2", "train.epochs=2")
+    try:
+        result = trainer.train(1, ray.data.from_arrow(pairs.select(["uid", "prompt_ids", "real_ids"])))
+        assert result["steps"] == 2 and set(result["logs"][0]) == {
+            "iteration",
+            "step",
+            "epoch",
+            "lr",
+            "loss",
+            "logps/real",
+        }
+        assert result["logs"][0]["loss"] == pytest.approx(np.mean(nll), abs=1e-6)
+        assert result["logs"][0]["logps/real"] == pytest.approx(real.mean(), abs=1e-5)
+        assert result["logs"][1]["loss"] != result["logs"][0]["loss"]  # step 2 sees the weights step 1 moved
     finally:
         trainer.stop()
 
@@ -78,7 +102,7 @@ def test_worker_killed_mid_training_restarts_and_ends_with_equal_weights(ray_ses
             killer = threading.Thread(target=kill_rank_mid_training, args=(trainer, 1)) if fault else None
             if killer:
                 killer.start()
-            result = trainer.train(0, ray.data.from_arrow(many))
+            result = trainer.train(1, ray.data.from_arrow(many))
             if killer:
                 killer.join()
             trainer.export(tmp_path / str(fault) / "model")
@@ -97,9 +121,8 @@ def kill_rank_mid_training(trainer, rank: int) -> None:
     """Waits until `rank` reports a training step past the first few, then SIGKILLs its process."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        beats = ray.get(trainer.channel.poll.remote(-1))["beats"]
-        what = beats.get(rank, (0, ""))[1]
-        if "step" in what and int(what.split("step ")[1].split("/")[0]) >= 4:
+        done, _ = ray.get(trainer.channel.poll.remote(-1))["steps"].get(rank, (0, 0))
+        if done >= 4:
             os.kill(trainer.pids[rank], signal.SIGKILL)
             return
         time.sleep(0.05)
@@ -112,7 +135,7 @@ def test_frozen_worker_is_reported_with_what_each_rank_was_doing(ray_session, to
         os.kill(trainer.pids[1], signal.SIGSTOP)  # rank 0 then waits for it in the first collective
         tick = time.monotonic()
         with pytest.raises(TrainerError, match=r"stalled while running 'train'") as e:
-            trainer.train(0, ray.data.from_arrow(pairs))
+            trainer.train(1, ray.data.from_arrow(pairs))
         assert 5 < time.monotonic() - tick < 60  # 5 s of silence, plus Ray Data's split on a busy machine
         assert f"rank 1 (pid {trainer.pids[1]}) silent for" in str(e.value) and "train.stall_timeout_s" in str(e.value)
     finally:

@@ -1,0 +1,88 @@
+"""Serve a run's checkpoints (or any HF model dir) as an OpenAI-compatible endpoint on Ray Serve.
+
+    python jobs/serve.py runs/toy                         # the latest iteration, as spin-iter-<t>
+    python jobs/serve.py runs/toy --iteration all         # every finished iteration at once
+    python jobs/serve.py /models/my-sft --port 8001 generation.num_gpus=1 model.dtype=bfloat16
+
+A run dir's own config.yaml gives the engine settings (`generation.*`, `model.dtype`) and the
+prompt limit; `serve.*` keys and overrides apply on top. Binds 127.0.0.1 unless --host says
+otherwise; when the variable named by `serve.api_key_env` (SPIN_SERVE_API_KEY) is set, every /v1
+request needs `Authorization: Bearer <key>`. Runs until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="a run dir (run.output_dir) or a Hugging Face model dir")
+    parser.add_argument("--iteration", default="latest", help="N, latest or all (run dirs only)")
+    parser.add_argument("--host", help="bind address (default serve.host: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default serve.port: 8000)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. serve.max_tokens=64")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoConfig
+
+    from spin_ray.config import ConfigError, load_config
+    from spin_ray.serving import checkpoints
+
+    stored = Path(args.path) / "config.yaml"
+    flags = [f"serve.host={args.host}"] * bool(args.host) + [f"serve.port={args.port}"] * bool(args.port)
+    try:
+        cfg = load_config(stored if stored.exists() else None, [*args.overrides, *flags])
+        models = checkpoints(args.path, args.iteration)
+        s = cfg.serve
+        max_model_len = (
+            cfg.generation.max_model_len or (s.max_prompt_tokens or cfg.data.max_prompt_tokens) + s.max_tokens
+        )
+        longest = min(
+            getattr(AutoConfig.from_pretrained(d), "max_position_embeddings", max_model_len) for d in models.values()
+        )
+        if max_model_len > longest:
+            raise ConfigError(
+                f"serve.max_prompt_tokens (or data.max_prompt_tokens) + serve.max_tokens = {max_model_len} exceeds "
+                f"the model's max_position_embeddings ({longest}): lower them"
+            )
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from spin_ray.serving import serve_models
+
+    if not ray.is_initialized():
+        # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
+        ray.init(num_cpus=max(os.cpu_count() or 1, 2 * len(models) + 2), log_to_driver=False)
+    api_key = os.environ.get(cfg.serve.api_key_env)
+    url = serve_models(models, cfg, max_model_len, api_key)
+    env = f"${cfg.serve.api_key_env}"
+    print(
+        f"serving {', '.join(models)} at {url}; key: {'required, from ' + env if api_key else 'none (set ' + env + ')'}"
+    )
+    key = f'-H "Authorization: Bearer {env}" ' if api_key else ""
+    body = f'{{"model": "{next(iter(models))}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+    print(f"  try: curl {url}/chat/completions -H 'Content-Type: application/json' {key}-d '{body}'")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    from ray import serve
+
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,68 @@
+"""SPIN against the same-compute SFT baseline on the toy, over seeds, in one Ray session.
+
+    python scripts/spin_vs_sft.py --seeds 0 1 2 3 4 --out runs/study [key.sub=value ...]
+
+Runs `jobs/spin.py`'s default config once per (seed, arm) with the given overrides (each seed is
+its own toy world: data and p_0), then prints `jobs/compare.py`'s table for all of them.
+
+`--converged` first trains p_0 with SFT on the same prompts until it has stopped improving
+(CONVERGE: 6 iterations at 5x the lr) and starts both arms from that model: the regime in which
+the SPIN paper says further SFT no longer helps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONVERGE = ["spin.objective=sft", "spin.iterations=6", "train.lr=5e-5"]
+sys.path.insert(0, str(ROOT / "jobs"))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--converged", action="store_true", help="start both arms from an SFT-converged p_0")
+    parser.add_argument("overrides", nargs="*", help="applied to both arms")
+    args = parser.parse_args(argv)
+
+    import compare
+    import ray
+
+    from spin_ray.config import load_config
+    from spin_ray.coordinator import prepare, run_job
+    from spin_ray.toy import build_toy_world
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    runs = []
+
+    def run(out: Path, overrides: list[str]) -> None:
+        cfg = load_config(
+            ROOT / "configs" / "toy.yaml", [*overrides, f"run.output_dir={out}", "run.wandb_mode=disabled"]
+        )
+        print(f"== {out}", flush=True)
+        run_job(cfg, prepare(cfg))
+
+    for seed in args.seeds:
+        start = [f"run.seed={seed}"]
+        if args.converged:
+            p0 = Path(args.out) / f"p0-s{seed}"
+            run(p0, start + CONVERGE)
+            toy = build_toy_world(Path.home() / ".cache" / "spin-ray" / f"toy-seed{seed}", seed=seed)
+            start += [f"model.path={p0 / 'iter_6' / 'model'}", f"data.train_path={toy.train_path}"]
+            start += [f"data.eval_path={toy.eval_path}"]
+        for arm in ("spin", "sft"):
+            out = Path(args.out) / f"{arm}-s{seed}"
+            run(out, start + [f"spin.objective={arm}", *args.overrides])
+            runs.append(str(out))
+    ray.shutdown()
+    return compare.main([*runs, "--out", args.out] + ["--per-seed"] * args.converged)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

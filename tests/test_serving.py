@@ -1,0 +1,143 @@
+"""The OpenAI endpoint on Ray Serve, driven by the official `openai` client on loopback."""
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from spin_ray.config import load_config
+from spin_ray.serving import checkpoints, serve_models
+from spin_ray.toy import read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "test-key-not-a-secret"
+SERVED = ("spin-iter-1", "spin-iter-3")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hf_greedy_text(model_dir: Path, question: str, max_tokens: int = 8) -> str:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": question}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(ids) :]
+    return tok.decode(out, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, toy_run, toy):
+    from ray import serve
+
+    out = toy_run[0]
+    models = {name: path for name, path in checkpoints(out, "all").items() if name in SERVED}
+    cfg = load_config(out / "config.yaml", [f"serve.port={free_port()}", "serve.max_tokens=8", "serve.max_body_kb=16"])
+    url = serve_models(models, cfg, max_model_len=48, api_key=KEY)
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
+    deadline = time.monotonic() + 600
+    while True:  # each model's engine loads in its own replica
+        try:
+            if {m.id for m in client.models.list()} == set(SERVED):
+                client.chat.completions.create(model=SERVED[0], messages=[{"role": "user", "content": "1+1="}])
+                break
+        except openai.APIError:
+            pass
+        assert time.monotonic() < deadline, "the endpoint did not come up in 10 minutes"
+        time.sleep(2)
+    questions = [r["messages"][0]["content"] for r in read_jsonl(toy.eval_path)[:200]]
+    yield url, client, models, questions
+    serve.shutdown()
+
+
+def test_greedy_chat_equals_hf_greedy_and_iterations_differ(server):
+    url, client, models, questions = server
+    greedy = {name: {q: hf_greedy_text(d, q) for q in questions[:40]} for name, d in models.items()}
+    differing = [q for q in questions[:40] if greedy[SERVED[0]][q] != greedy[SERVED[1]][q]]
+    assert differing, "p_1 and p_3 answer these 40 prompts alike; pick another run"
+    for q in [questions[0], *differing[:3]]:
+        for name in SERVED:
+            reply = client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=8, seed=1
+            )
+            assert reply.choices[0].message.content == greedy[name][q], (name, q)
+    q = differing[0]
+    answers = {
+        name: client.chat.completions.create(model=name, messages=[{"role": "user", "content": q}], temperature=0)
+        .choices[0]
+        .message.content
+        for name in SERVED
+    }
+    assert answers[SERVED[0]] != answers[SERVED[1]]
+
+
+def test_streaming_and_completions(server):
+    url, client, models, questions = server
+    messages = [{"role": "user", "content": questions[1]}]
+    whole = client.chat.completions.create(model=SERVED[1], messages=messages, temperature=0)
+    stream = client.chat.completions.create(model=SERVED[1], messages=messages, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
+    done = client.completions.create(model=SERVED[1], prompt="12+34=", max_tokens=4, temperature=0)
+    assert done.choices[0].text and done.usage.completion_tokens <= 4
+
+
+def test_32_concurrent_requests_all_answered(server):
+    url, _, _, questions = server
+
+    async def ask_all() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=300)
+        replies = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model=SERVED[i % 2], messages=[{"role": "user", "content": q}], temperature=1, seed=i
+                )
+                for i, q in enumerate(questions[:32])
+            )
+        )
+        return [r.choices[0].message.content for r in replies]
+
+    answers = asyncio.run(ask_all())
+    assert len(answers) == 32 and all(isinstance(a, str) for a in answers)
+
+
+def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(server):
+    url, client, _, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    good = {"model": SERVED[0], "messages": [{"role": "user", "content": "12+34="}]}
+    cases = [
+        ({"content": b"{not json"}, 400, "invalid_json"),
+        ({"json": good | {"model": "gpt-4"}}, 404, "model_not_found"),
+        ({"json": good | {"temperature": 5}}, 400, "invalid_request_error"),
+        ({"json": good | {"max_tokens": 100_000}}, 400, "invalid_request_error"),
+        ({"json": good | {"messages": [{"role": "user", "content": "12+34=" * 20}]}}, 400, "context_length_exceeded"),
+        ({"json": good | {"messages": "hello"}}, 400, "invalid_request_error"),
+        ({"content": b"{" + b" " * 20_000 + b"}"}, 413, "request_too_large"),
+    ]
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for kwargs, status, code in cases:
+            reply = http.post("/chat/completions", headers=auth, **kwargs)
+            assert reply.status_code == status, (kwargs, reply.text)
+            assert reply.json()["error"]["code"] == code, reply.text
+        assert http.post("/chat/completions", json=good).status_code == 401  # no key
+        assert http.get("/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert http.get(url.removesuffix("/v1") + "/health").json()["models"] == list(SERVED)
+        assert http.post("/chat/completions", headers=auth, json=good).status_code == 200  # still serving
+
+
+def test_cli_refuses_what_it_cannot_serve_before_starting_anything(tmp_path, toy_run):
+    out = toy_run[0]
+    for args, message in (([str(tmp_path)], "neither a HF model dir"), ([str(out), "--iteration", "9"], "[1, 2, 3]")):
+        proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
