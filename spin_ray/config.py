@@ -143,6 +143,7 @@ class ServeConfig(Section):
     max_prompt_tokens: int | None = Field(None, gt=0, description="Longest prompt (default: data.max_prompt_tokens).")
     max_body_kb: int = Field(256, gt=0, description="Largest request body.")
     max_concurrency: int = Field(64, gt=0, description="Requests in flight; more get 429.")
+    live: bool = Field(False, description="During a SPIN job, serve the engines' current weights (model spin-live).")
 
 
 class RunConfig(Section):

@@ -28,6 +28,7 @@ from spin_ray.generation import sample_seed, through_engines
 from spin_ray.health import Engines
 from spin_ray.report import write_report
 from spin_ray.resume import check_unchanged, fingerprint, record, resume_point
+from spin_ray.serving import key_digest, live_endpoint
 from spin_ray.tracking import Tracker
 from spin_ray.training import Trainer, on_this_node
 
@@ -45,6 +46,7 @@ class Prepared:
     toy: bool
     max_model_len: int
     fingerprint: str  # of the training data, to refuse resuming a run made on other data
+    serve_key_digest: str | None = None  # serve.live's bearer key, hashed: the key stays in the driver
 
 
 def prepare(cfg: Config) -> Prepared:
@@ -88,7 +90,8 @@ def prepare(cfg: Config) -> Prepared:
         )
     data_fingerprint = fingerprint(train)
     check_unchanged(cfg, data_fingerprint)
-    return Prepared(model_path, train, evaluation, toy, max_model_len, data_fingerprint)
+    digest = key_digest(os.environ.get(cfg.serve.api_key_env))
+    return Prepared(model_path, train, evaluation, toy, max_model_len, data_fingerprint, digest)
 
 
 def _rows(examples: list[Example], seed: int, iteration: int) -> pa.Table:
@@ -122,6 +125,7 @@ class Coordinator:
         self.out = Path(cfg.run.output_dir)
         self.progress = Progress(cfg.spin.iterations)
         self.hooks = load_hooks(cfg.eval.hooks)
+        self.stop_live: Callable[[], None] = lambda: None
         name_log("coordinator")
         record(cfg, prepared.fingerprint)
         (self.out / "summary.json").unlink(missing_ok=True)  # a resumed run is not finished until it ends
@@ -160,6 +164,7 @@ class Coordinator:
         with self.progress.phase(0, "start-up", None, ""):
             trainer = Trainer(self.cfg, model_path)
             engines.wait_ready()
+        self.stop_live = live_endpoint(self.cfg, engines.pool, model_path, self.p.serve_key_digest, self.progress.say)
         ip = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
         on = [ip.get(e["node"], "?") for e in engines.stats()["engines"]]
         self.progress.say(
@@ -169,7 +174,7 @@ class Coordinator:
 
     def _shutdown(self, engines: Engines, trainer: Trainer | None) -> None:
         """Best effort: a failure while cleaning up must not hide the error that ended the run."""
-        for stop in (trainer.stop if trainer else None, engines.shutdown, self.tracker.finish):
+        for stop in (self.stop_live, trainer.stop if trainer else None, engines.shutdown, self.tracker.finish):
             if stop is not None:
                 with contextlib.suppress(Exception):
                     stop()

@@ -56,6 +56,7 @@ class Engine:
             **kwargs,
         )
         self.cfg = cfg
+        self.serving = model_path  # the checkpoint whose weights answer now (for the live endpoint)
 
     @ray.method(concurrency_group="health")
     def ready(self) -> dict[str, Any]:
@@ -109,26 +110,36 @@ class Engine:
         sums = self.score(batch["prompt_ids"] * len(columns), [r for name in columns for r in batch[name]])
         return {out: sums[i * n : (i + 1) * n] for i, out in enumerate(columns.values())}
 
-    def load_weights(self, payload: bytes) -> dict[str, float]:
+    def complete(self, prompt_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
+        """One request of the live endpoint (`serve.live`), with its own sampling settings; says
+        which checkpoint answered. It waits in this actor's mailbox behind the SPIN batch in hand."""
+        from vllm import SamplingParams, TokensPrompt
+
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+        out = self.llm.generate([prompt], SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+        return {"text": out.text, "tokens": len(out.token_ids), "finish": out.finish_reason, "serving": self.serving}
+
+    def load_weights(self, payload: bytes, serving: str | None = None) -> dict[str, float]:
         """Hot-swap, object-store path: full HF-named weights (safetensors bytes), in place."""
-        return self._swap("load_weights_bytes", payload)
+        return self._swap(serving, "load_weights_bytes", payload)
 
     def join_weight_group(self, master: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> list:
         return self.llm.collective_rpc("join_weight_group", args=(master, port, rank_offset, world_size, timeout_s))
 
     def load_checkpoint(self, model_dir: str) -> dict[str, float]:
         """Reload from an HF checkpoint on disk (recovery after a failed sync)."""
-        return self._swap("load_weights_dir", model_dir)
+        return self._swap(model_dir, "load_weights_dir", model_dir)
 
-    def receive_weights(self, plan: list) -> dict[str, float]:
+    def receive_weights(self, plan: list, serving: str | None = None) -> dict[str, float]:
         """Hot-swap, broadcast path: buckets from the weight-sync group; see spin_ray.sync."""
-        return self._swap("receive_weights", plan)
+        return self._swap(serving, "receive_weights", plan)
 
-    def _swap(self, method: str, *args: Any) -> dict[str, float]:
+    def _swap(self, serving: str | None, method: str, *args: Any) -> dict[str, float]:
         start = time.perf_counter()
         nbytes = self.llm.collective_rpc(method, args=args)[0]
         # Cached KV blocks were computed by the old weights; reusing them mixes old and new.
         self.llm.reset_prefix_cache()
+        self.serving = serving or self.serving  # in the same call: no request sees new weights, old label
         return {"seconds": time.perf_counter() - start, "bytes": nbytes}
 
     def shutdown(self) -> None:

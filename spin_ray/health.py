@@ -242,7 +242,7 @@ class Engines:
             engines = self.list()
             if method == "broadcast":
                 self._connect(trainer, engines)
-            return sync_weights(method, engines, trainer, weights, self.plan)
+            return sync_weights(method, engines, trainer, weights, self.plan, path)
         except WeightSyncError as e:
             print(f"[health] {e}; every engine reloads {path} from disk", flush=True)
             self.connected = None

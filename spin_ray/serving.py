@@ -5,6 +5,10 @@ streaming, chat templates and sampling are vLLM's own. In front of them sits one
 ours, for what Serve LLM's own ingress cannot be given: a bearer key, request limits checked
 before any engine sees the request, OpenAI-style error JSON with 4xx codes, and a health route.
 
+With `serve.live=true` the same ingress answers during a SPIN job from the job's own engines
+(model `spin-live`; each answer is named after the iteration whose weights gave it, e.g.
+`spin-live-iter-2`), so after every hot-swap it answers from the new weights.
+
     python jobs/serve.py RUN_DIR --iteration all      # then: the `openai` client on /v1
 """
 
@@ -12,11 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the routes' annotations here
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from spin_ray.config import Config
 from spin_ray.generation import engine_env
@@ -76,25 +85,33 @@ def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int) -> A
 
 
 def error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> Any:
-    from fastapi.responses import JSONResponse
-
     body = {"error": {"message": message, "type": kind, "param": param, "code": code or kind}}
     return JSONResponse(body, status_code=status)
 
 
 class Gateway:
-    """The ingress: key, limits and validation, then Serve LLM's OpenAI handling of the request."""
+    """The ingress: key, limits and validation, then Serve LLM's OpenAI handling of the request
+    (checkpoints) or the job's engine pool (`pool`, live mode)."""
 
     def __init__(
-        self, llm_deployments: dict, model_cards: dict, model_dirs: dict[str, str], limits: dict, key_digest: str | None
+        self,
+        model_dirs: dict[str, str],
+        limits: dict,
+        key_digest: str | None,
+        llm_deployments: dict | None = None,
+        model_cards: dict | None = None,
+        pool: Any = None,
     ):
-        from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
         from transformers import AutoTokenizer
 
-        self.oai = OpenAiIngress(llm_deployments, model_cards)
+        if pool is None:
+            from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+
+            self.oai = OpenAiIngress(llm_deployments, model_cards)
+        self.pool = pool
         self.tokenizers = {name: AutoTokenizer.from_pretrained(d) for name, d in model_dirs.items()}
         self.limits = limits
-        self.key_digest = key_digest  # sha256 of the key: the key itself never enters Ray
+        self.key_digest = key_digest
         self.in_flight = 0
 
     async def __serve_build_asgi_app__(self) -> Any:
@@ -106,7 +123,14 @@ class Gateway:
 
         @app.get("/v1/models")
         async def models(request: Request) -> Any:
-            return self._denied(request) or (await self.oai.models()).model_dump()
+            if denied := self._denied(request):
+                return denied
+            if self.pool is not None:
+                return {
+                    "object": "list",
+                    "data": [{"id": m, "object": "model", "owned_by": "spin-ray"} for m in self.tokenizers],
+                }
+            return (await self.oai.models()).model_dump()
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Any:
@@ -122,7 +146,7 @@ class Gateway:
         if self.key_digest is None:
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and secrets.compare_digest(_digest(token), self.key_digest):
+        if scheme.lower() == "bearer" and secrets.compare_digest(key_digest(token) or "", self.key_digest):
             return None
         return error(401, "a valid bearer key is required (Authorization: Bearer ...)", "invalid_api_key")
 
@@ -142,7 +166,8 @@ class Gateway:
             return error(400, f"the body is not valid JSON: {e}", "invalid_request_error", code="invalid_json")
         if not isinstance(body, dict):
             return error(400, "the body must be a JSON object", "invalid_request_error")
-        if problem := self._check(body, kind):
+        problem, prompt_ids = self._check(body, kind)
+        if problem:
             return problem
         if self.in_flight >= self.limits["max_concurrency"]:
             return error(429, f"more than {self.limits['max_concurrency']} requests in flight", "rate_limit_exceeded")
@@ -153,6 +178,11 @@ class Gateway:
             param = ".".join(str(p) for p in first["loc"])
             return error(400, f"{param}: {first['msg']}", "invalid_request_error", param=param)
         self.in_flight += 1
+        if self.pool is not None:
+            try:
+                return await self._live(body, kind, prompt_ids)
+            finally:
+                self.in_flight -= 1
         try:
             # No raw request downstream: the Authorization header stays in this process.
             response = await self.oai._process_llm_request(parsed, kind, None)
@@ -177,8 +207,45 @@ class Gateway:
         finally:
             self.in_flight -= 1
 
-    def _check(self, body: dict, kind: str) -> Any:
-        """Model, numbers in range, prompt length: OpenAI's error shapes, our limits."""
+    async def _live(self, body: dict, kind: str, prompt_ids: list[int]) -> Any:
+        """One request on the job's engines, between its SPIN batches; a lost engine is replaced
+        by the pool and the request runs again on another."""
+        import ray
+
+        params = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if body.get(k) is not None}
+        params["max_tokens"] = body["max_tokens"]
+        while True:
+            i, actor_id, engine = await self.pool.acquire.remote()
+            try:
+                out = await engine.complete.remote(prompt_ids, params)
+                break
+            except ray.exceptions.RayActorError as e:
+                await self.pool.lost.remote(i, actor_id, f"live request failed: {type(e).__name__}")
+            finally:
+                self.pool.release.remote(i, actor_id)
+        reply = {
+            "id": f"{kind}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": f"{body['model']}-iter-{iteration_of(out['serving'])}",
+            "usage": {
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": out["tokens"],
+                "total_tokens": len(prompt_ids) + out["tokens"],
+            },
+        }
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]}}
+        else:
+            choice = {"index": 0, "text": out["text"]}
+        reply["choices"] = [choice | {"finish_reason": out["finish"]}]
+        if body.get("stream"):
+            return StreamingResponse(_events(reply, kind), media_type="text/event-stream")
+        return JSONResponse(reply)
+
+    def _check(self, body: dict, kind: str) -> tuple[Any, list[int]]:
+        """Model, numbers in range, prompt length: OpenAI's error shapes, our limits; returns
+        (an error response or None, the prompt's token ids)."""
         names = sorted(self.tokenizers)
         model = body.get("model", names[0] if len(names) == 1 else None)
         if model not in self.tokenizers:
@@ -188,19 +255,23 @@ class Gateway:
                 "invalid_request_error",
                 "model",
                 "model_not_found",
-            )
+            ), []
         body["model"] = model
         limit = self.limits["max_tokens"]
         max_tokens = body.pop("max_completion_tokens", None) or body.get("max_tokens") or limit
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
-            return error(400, f"max_tokens must be an integer in [1, {limit}]", "invalid_request_error", "max_tokens")
+            return error(
+                400, f"max_tokens must be an integer in [1, {limit}]", "invalid_request_error", "max_tokens"
+            ), []
         body["max_tokens"] = max_tokens
         for param, low, high in (("temperature", 0.0, 2.0), ("top_p", 1e-9, 1.0)):
             value = body.get(param)
             if value is not None and (not isinstance(value, int | float) or not low <= value <= high):
-                return error(400, f"{param} must be a number in [{low:g}, {high:g}]", "invalid_request_error", param)
+                return error(
+                    400, f"{param} must be a number in [{low:g}, {high:g}]", "invalid_request_error", param
+                ), []
         if body.get("n", 1) != 1:
-            return error(400, "only n=1 is supported", "invalid_request_error", "n")
+            return error(400, "only n=1 is supported", "invalid_request_error", "n"), []
         try:
             tokenizer = self.tokenizers[model]
             if kind == "chat":
@@ -210,44 +281,93 @@ class Gateway:
                 ids = tokenizer(body["prompt"])["input_ids"]
         except Exception as e:  # noqa: BLE001 - any malformed prompt
             field = "messages" if kind == "chat" else "prompt"
-            return error(400, f"{field} could not be read: {e!r}", "invalid_request_error", field)
+            return error(400, f"{field} could not be read: {e!r}", "invalid_request_error", field), []
         if len(ids) > self.limits["max_prompt_tokens"]:
             message = f"the prompt has {len(ids)} tokens; this server takes at most {self.limits['max_prompt_tokens']}"
-            return error(400, message, "invalid_request_error", "messages", "context_length_exceeded")
-        return None
+            return error(400, message, "invalid_request_error", "messages", "context_length_exceeded"), []
+        return None, ids
 
 
-def _digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+def _events(reply: dict, kind: str) -> Iterator[str]:
+    """A finished live answer as OpenAI's server-sent events: the text, then the finish reason."""
+    choice = reply["choices"][0]
+    chunk = {k: v for k, v in reply.items() if k not in ("choices", "usage")}
+    chunk["object"] = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    if kind == "chat":
+        text = {"index": 0, "delta": {"role": "assistant", "content": choice["message"]["content"]}}
+        last = {"index": 0, "delta": {}}
+    else:
+        text, last = {"index": 0, "text": choice["text"]}, {"index": 0, "text": ""}
+    for part in (text | {"finish_reason": None}, last | {"finish_reason": choice["finish_reason"]}):
+        yield f"data: {json.dumps(chunk | {'choices': [part]})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def iteration_of(checkpoint: str) -> int:
+    """`.../iter_<t>/model` holds p_t; anything else is the model the run started from (p_0)."""
+    found = re.search(r"iter_(\d+)/model/?$", checkpoint)
+    return int(found.group(1)) if found else 0
 
 
 def serve_models(models: dict[str, Path], cfg: Config, max_model_len: int, api_key: str | None) -> str:
     """Deploys every model behind one gateway on cfg.serve.host:port; returns the base URL."""
-    from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import build_llm_deployment
 
-    s = cfg.serve
     configs = {name: llm_config(name, d, cfg, max_model_len) for name, d in models.items()}
-    limits = {
+    app = _gateway(cfg).bind(
+        model_dirs={name: str(d) for name, d in models.items()},
+        limits=_limits(cfg),
+        key_digest=key_digest(api_key),
+        llm_deployments={name: build_llm_deployment(c, name_prefix=f"{name}-") for name, c in configs.items()},
+        model_cards={name: to_model_metadata(name, c) for name, c in configs.items()},
+    )
+    return _run(cfg, app, "spin")
+
+
+def live_endpoint(
+    cfg: Config, pool: Any, model_dir: str, digest: str | None, say: Callable[[str], None]
+) -> Callable[[], None]:
+    """serve.live: the job's engines behind the same routes while it runs; returns what stops it
+    (nothing to stop when serve.live is off)."""
+    if not cfg.serve.live:
+        return lambda: None
+    from ray import serve
+
+    app = _gateway(cfg).bind(model_dirs={"spin-live": model_dir}, limits=_limits(cfg), key_digest=digest, pool=pool)
+    say(f"live endpoint: {_run(cfg, app, 'spin-live')} (model spin-live, answers name their iteration)")
+    return lambda: serve.delete("spin-live")
+
+
+def key_digest(api_key: str | None) -> str | None:
+    """What the gateway keeps of the key: its SHA-256 (the key itself never enters Ray)."""
+    return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
+
+
+def _gateway(cfg: Config) -> Any:
+    from ray import serve
+
+    return serve.deployment(
+        serve.ingress()(Gateway),
+        name="spin-gateway",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=cfg.serve.max_concurrency + 16,  # the excess meets our 429, not the proxy's queue
+    )
+
+
+def _limits(cfg: Config) -> dict[str, int]:
+    s = cfg.serve
+    return {
         "max_tokens": s.max_tokens,
         "max_prompt_tokens": s.max_prompt_tokens or cfg.data.max_prompt_tokens,
         "max_body_bytes": s.max_body_kb * 1024,
         "max_concurrency": s.max_concurrency,
     }
-    gateway = serve.deployment(
-        serve.ingress()(Gateway),
-        name="spin-gateway",
-        ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=s.max_concurrency + 16,  # the excess meets our 429, not a queue in the proxy
-    )
-    app = gateway.bind(
-        llm_deployments={name: build_llm_deployment(c, name_prefix=f"{name}-") for name, c in configs.items()},
-        model_cards={name: to_model_metadata(name, c) for name, c in configs.items()},
-        model_dirs={name: str(d) for name, d in models.items()},
-        limits=limits,
-        key_digest=_digest(api_key) if api_key else None,
-    )
-    serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(app, name="spin", route_prefix="/", blocking=False)
-    return f"http://{s.host}:{s.port}/v1"
+
+
+def _run(cfg: Config, app: Any, name: str) -> str:
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+    return f"http://{cfg.serve.host}:{cfg.serve.port}/v1"

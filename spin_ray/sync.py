@@ -209,14 +209,17 @@ def connect(trainer: Any, engines: list, tensor_parallel_size: int, timeout_s: f
     ray.get(joined, timeout=timeout_s)
 
 
-def sync_weights(method: str, engines: list, trainer: Any, weights: Any, plan: list[list[Spec]]) -> dict[str, float]:
-    """Pushes the trainer's weights into every engine; raises WeightSyncError if any part fails."""
+def sync_weights(
+    method: str, engines: list, trainer: Any, weights: Any, plan: list[list[Spec]], serving: str | None = None
+) -> dict[str, float]:
+    """Pushes the trainer's weights (of checkpoint `serving`) into every engine; raises
+    WeightSyncError if any part fails."""
     start = time.perf_counter()
     try:
         if method == "object_store":
-            reports = ray.get([e.load_weights.remote(weights) for e in engines])
+            reports = ray.get([e.load_weights.remote(weights, serving) for e in engines])
         else:
-            received = [e.receive_weights.remote(plan) for e in engines]
+            received = [e.receive_weights.remote(plan, serving) for e in engines]
             trainer.call("broadcast_weights", plan=plan)
             reports = ray.get(received)
     except Exception as e:  # noqa: BLE001 - whatever broke, the caller makes every engine reload

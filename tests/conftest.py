@@ -61,16 +61,29 @@ def pairs(toy):
 @pytest.fixture(scope="session")
 def toy_run(ray_session, toy, tmp_path_factory):
     """The fault-free reference run: two iterations, then the same output dir with
-    spin.iterations=3, so the job resumes at iteration 3. Returns (dir, first, second summary)."""
-    from helpers import repeated_records_file, toy_config
+    spin.iterations=3, so the job resumes at iteration 3. Returns (dir, first, second summary).
+    The live endpoint is on and asked one question throughout: the answers are in ../live.jsonl."""
+    import threading
+
+    from helpers import free_port, poll_live, repeated_records_file, toy_config
+    from ray import serve
 
     from spin_ray.coordinator import prepare, run_job
 
     root = tmp_path_factory.mktemp("job")
     train = repeated_records_file(toy, root / "train.jsonl")
+    port, stop = free_port(), threading.Event()
+    poller = threading.Thread(target=poll_live, args=(f"http://127.0.0.1:{port}/v1", stop, root / "live.jsonl"))
+    poller.start()
     summaries = []
-    for iterations in (2, 3):
-        hooks = 'eval.hooks=["eval_hooks:checkpoint", "eval_hooks:broken"]'
-        cfg = toy_config(root / "run", train, f"spin.iterations={iterations}", hooks)
-        summaries.append(run_job(cfg, prepare(cfg)))
+    try:
+        for iterations in (2, 3):
+            hooks = 'eval.hooks=["eval_hooks:checkpoint", "eval_hooks:broken"]'
+            live = ["serve.live=true", f"serve.port={port}", "serve.max_tokens=8"]
+            cfg = toy_config(root / "run", train, f"spin.iterations={iterations}", hooks, *live)
+            summaries.append(run_job(cfg, prepare(cfg)))
+    finally:
+        stop.set()
+        poller.join()
+        serve.shutdown()  # the next test that serves starts Serve on its own port
     return root / "run", *summaries

@@ -72,6 +72,36 @@ def run_notebook(run_dir: Path):
     return nb
 
 
+LIVE_QUESTION = "12+34="
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def poll_live(url: str, stop, out: Path) -> None:
+    """Asks the live endpoint LIVE_QUESTION greedily until `stop` is set; appends each answer
+    and the model name it came with to `out`."""
+    import httpx
+
+    body = {"model": "spin-live", "messages": [{"role": "user", "content": LIVE_QUESTION}], "temperature": 0}
+    with httpx.Client(timeout=60) as http, out.open("a") as f:
+        while not stop.is_set():
+            try:
+                reply = http.post(f"{url}/chat/completions", json=body | {"max_tokens": 8})
+                if reply.status_code == 200:
+                    answer = reply.json()
+                    f.write(json.dumps({"model": answer["model"], "text": answer["choices"][0]["message"]["content"]}))
+                    f.write("\n")
+            except httpx.HTTPError:
+                pass  # not up yet, or between the two runs
+            stop.wait(0.05)
+
+
 N_PROMPTS = 48  # records of the end-to-end runs: 40 distinct, 8 exact repeats, no ids
 ROOT = Path(__file__).resolve().parent.parent
 

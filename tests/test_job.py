@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import N_PROMPTS, run_notebook
+from helpers import N_PROMPTS, free_port, run_notebook
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_records import history
 
@@ -116,12 +115,6 @@ def test_notebook_executes(run):
     out, _, _ = run
     nb = run_notebook(out)
     assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_job_submit_against_a_local_head(tmp_path):

@@ -1,7 +1,7 @@
 """The OpenAI endpoint on Ray Serve, driven by the official `openai` client on loopback."""
 
 import asyncio
-import socket
+import json
 import subprocess
 import sys
 import time
@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import LIVE_QUESTION, free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spin_ray.config import load_config
@@ -20,12 +21,6 @@ from spin_ray.toy import read_jsonl
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-not-a-secret"
 SERVED = ("spin-iter-1", "spin-iter-3")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hf_greedy_text(model_dir: Path, question: str, max_tokens: int = 8) -> str:
@@ -134,6 +129,19 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(server):
         assert http.get("/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert http.get(url.removesuffix("/v1") + "/health").json()["models"] == list(SERVED)
         assert http.post("/chat/completions", headers=auth, json=good).status_code == 200  # still serving
+
+
+def test_live_endpoint_answers_from_the_weights_of_each_swap(toy_run, toy):
+    """During the toy job (conftest's toy_run), the live endpoint's greedy answer under the name
+    `spin-live-iter-<t>` equals HF greedy decoding of iter_<t>/model (p_0 for t = 0)."""
+    out = toy_run[0]
+    seen = [json.loads(line) for line in (out.parent / "live.jsonl").read_text().splitlines()]
+    answers: dict[int, set[str]] = {}
+    for s in seen:
+        answers.setdefault(int(s["model"].removeprefix("spin-live-iter-")), set()).add(s["text"])
+    assert len(answers) >= 3, answers  # several swaps observed while the job ran
+    for t, texts in answers.items():
+        assert texts == {hf_greedy_text(out / f"iter_{t}" / "model" if t else toy.model_dir, LIVE_QUESTION)}, t
 
 
 def test_cli_refuses_what_it_cannot_serve_before_starting_anything(tmp_path, toy_run):

@@ -1,0 +1,168 @@
+"""Serving benchmark: spin-ray's endpoint (our gateway + Ray Serve LLM) against vLLM's own OpenAI
+server (`vllm serve`), on the same model, engine settings and load, both on loopback, one at a time.
+
+    python benchmarks/serving.py [--requests 96] [--concurrency 1 8 32] [--new-tokens 32]
+
+Prints requests/s and p50/p99 latency per concurrency level for both, and ours / vllm serve.
+Goal: >= 0.9x the throughput at equal or better p99. The model is a random Llama built here with
+the toy tokenizer (nothing from the hub); requests are chat completions sampled with a seed each,
+so both servers generate the same tokens.
+"""
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from models import make_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_MODEL_LEN = 128
+KV_BYTES = 2**28
+# One OpenMP thread per engine, as the job's engines and Serve's replicas run (spin_ray.generation).
+ENGINE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def load(url: str, model: str, requests: int, concurrency: int, new_tokens: int) -> dict[str, float]:
+    """`requests` chat completions, `concurrency` at a time: requests/s, p50/p99 seconds, tokens."""
+    gate = asyncio.Semaphore(concurrency)
+    latencies, tokens = [], 0
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        nonlocal tokens
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": f"{10 + i % 90}+{99 - i % 90}="}],
+            "max_tokens": new_tokens,
+            "temperature": 1.0,
+            "seed": i,
+        }
+        async with gate:
+            tick = time.perf_counter()
+            reply = await client.post(f"{url}/chat/completions", json=body)
+            latencies.append(time.perf_counter() - tick)
+        reply.raise_for_status()
+        tokens += reply.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+        tick = time.perf_counter()
+        await asyncio.gather(*(one(client, i) for i in range(requests)))
+        wall = time.perf_counter() - tick
+    latencies.sort()
+    return {
+        "rps": requests / wall,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "tokens": tokens,
+    }
+
+
+def wait_up(url: str, model: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reply = httpx.post(
+                f"{url}/chat/completions",
+                json={"model": model, "messages": [{"role": "user", "content": "1+1="}], "max_tokens": 2},
+                timeout=30,
+            )
+            if reply.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def measure(url: str, model: str, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    wait_up(url, model)
+    asyncio.run(load(url, model, args.concurrency[-1], args.concurrency[-1], args.new_tokens))  # warm-up
+    return {c: asyncio.run(load(url, model, args.requests, c, args.new_tokens)) for c in args.concurrency}
+
+
+def vllm_serve(model_dir: Path, name: str, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(model_dir), "--served-model-name", name]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
+    command += ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(KV_BYTES)]
+    command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096", "--disable-uvicorn-access-log"]
+    server = subprocess.Popen(
+        command,
+        env=os.environ | ENGINE_ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        return measure(f"http://127.0.0.1:{port}/v1", name, args)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its engine process, by our own PID
+        server.wait(timeout=120)
+
+
+def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    import ray
+    from ray import serve
+
+    from spin_ray.config import load_config
+    from spin_ray.serving import serve_models
+
+    cfg = load_config(
+        None,
+        [
+            f"serve.port={free_port()}",
+            f"serve.max_tokens={args.new_tokens}",
+            f"serve.max_prompt_tokens={MAX_MODEL_LEN - args.new_tokens}",
+            f"generation.kv_cache_gib={KV_BYTES / 2**30}",
+            "generation.num_cpus=1",
+        ],
+    )
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        url = serve_models({name: model_dir}, cfg, MAX_MODEL_LEN, api_key=None)
+        return measure(url, name, args)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        params = make_llama(
+            model_dir, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8
+        )
+        print(f"model: random Llama, {params / 1e6:.1f}M params, fp32; {args.requests} requests per level", flush=True)
+        results = {"vllm serve": vllm_serve(model_dir, "bench", args), "spin-ray": spin_serve(model_dir, "bench", args)}
+    print(f"\n{'concurrency':>11} {'server':>11} {'req/s':>8} {'p50 s':>8} {'p99 s':>8} {'tokens':>8}")
+    for c in args.concurrency:
+        for name, by_level in results.items():
+            r = by_level[c]
+            print(f"{c:>11} {name:>11} {r['rps']:>8.2f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['tokens']:>8}")
+        ours, theirs = results["spin-ray"][c], results["vllm serve"][c]
+        print(
+            f"{c:>11} {'ratio':>11} {ours['rps'] / theirs['rps']:>7.2f}x {'':>8} {ours['p99'] / theirs['p99']:>7.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
