@@ -32,23 +32,20 @@ def main(argv: list[str]) -> int:
     from transformers import AutoConfig
 
     from spin_ray.config import ConfigError, load_config
-    from spin_ray.serving import checkpoints
+    from spin_ray.serving import checkpoints, max_model_len
 
     stored = Path(args.path) / "config.yaml"
     flags = [f"serve.host={args.host}"] * bool(args.host) + [f"serve.port={args.port}"] * bool(args.port)
     try:
         cfg = load_config(stored if stored.exists() else None, [*args.overrides, *flags])
         models = checkpoints(args.path, args.iteration)
-        s = cfg.serve
-        max_model_len = (
-            cfg.generation.max_model_len or (s.max_prompt_tokens or cfg.data.max_prompt_tokens) + s.max_tokens
-        )
+        length = max_model_len(cfg)
         longest = min(
-            getattr(AutoConfig.from_pretrained(d), "max_position_embeddings", max_model_len) for d in models.values()
+            getattr(AutoConfig.from_pretrained(d), "max_position_embeddings", length) for d in models.values()
         )
-        if max_model_len > longest:
+        if length > longest:
             raise ConfigError(
-                f"serve.max_prompt_tokens (or data.max_prompt_tokens) + serve.max_tokens = {max_model_len} exceeds "
+                f"serve.max_prompt_tokens (or data.max_prompt_tokens) + serve.max_tokens = {length} exceeds "
                 f"the model's max_position_embeddings ({longest}): lower them"
             )
     except (ConfigError, ValueError, OSError) as e:
@@ -63,7 +60,7 @@ def main(argv: list[str]) -> int:
         # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
         ray.init(num_cpus=max(os.cpu_count() or 1, 2 * len(models) + 2), log_to_driver=False)
     api_key = os.environ.get(cfg.serve.api_key_env)
-    url = serve_models(models, cfg, max_model_len, api_key)
+    url = serve_models(models, cfg, length, api_key)
     env = f"${cfg.serve.api_key_env}"
     print(
         f"serving {', '.join(models)} at {url}; key: {'required, from ' + env if api_key else 'none (set ' + env + ')'}"

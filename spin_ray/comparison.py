@@ -7,7 +7,6 @@ between them would say nothing about the objective.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pandas as pd
 import yaml
 
 from spin_ray.resume import OPERATIONAL, flatten
+from spin_ray.tracking import read_metrics
 
 # The keys that make two runs' numbers comparable: the same model and the same data.
 SAME = ("model.", "data.")
@@ -40,7 +40,7 @@ def load(path: str | Path) -> RunResult:
     path = Path(path)
     try:
         config = flatten(yaml.safe_load((path / "config.yaml").read_text()))
-        lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        lines = read_metrics(path)
     except (OSError, ValueError) as e:
         raise ComparisonError(f"{path}: not a spin-ray run directory ({e})") from None
     rows = {

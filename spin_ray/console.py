@@ -116,7 +116,8 @@ class Console:
     def __init__(self, out_dir: Path, tty: bool | None = None):
         self.tty = sys.stdout.isatty() if tty is None else tty
         self.events_file = out_dir / "events.jsonl"
-        self._events_seen = _line_count(self.events_file)  # a resumed run's old faults stay quiet
+        # Bytes of events.jsonl already shown: a resumed run's old faults stay quiet.
+        self._events_read = self.events_file.stat().st_size if self.events_file.exists() else 0
         self._bar: Any = None
         self._phase: dict[str, Any] = {}
 
@@ -189,12 +190,15 @@ class Console:
         own actor, so this file, not the coordinator, is where every one of them is written)."""
         if not self.events_file.exists():
             return
-        lines = self.events_file.read_text().splitlines()
-        for raw in lines[self._events_seen :]:
+        with self.events_file.open("rb") as f:
+            f.seek(self._events_read)
+            new = f.read()
+        complete = new[: new.rfind(b"\n") + 1]  # a line being written is read next time
+        self._events_read += len(complete)
+        for raw in complete.decode().splitlines():
             event = json.loads(raw)
             details = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "kind"))
             self.line(f"[fault] {event['kind']}: {details}")
-        self._events_seen = len(lines)
 
 
 def header(cfg: Config, prepared: Any) -> str:
@@ -242,10 +246,6 @@ def table(history: list[dict[str, Any]]) -> str:
         label = "start" if row is history[0] else str(row["iteration"])
         lines.append(f"{label:>6}" + "".join(f"{row[k]:>12.4f}" if k in row else f"{'-':>12}" for k in TABLE.values()))
     return "\n".join(lines)
-
-
-def _line_count(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def _duration(seconds: float) -> str:

@@ -359,11 +359,20 @@ def _gateway(cfg: Config) -> Any:
     )
 
 
+def max_model_len(cfg: Config) -> int:
+    """The served engines' length: the longest prompt allowed plus the most new tokens."""
+    return cfg.generation.max_model_len or prompt_limit(cfg) + cfg.serve.max_tokens
+
+
+def prompt_limit(cfg: Config) -> int:
+    return cfg.serve.max_prompt_tokens or cfg.data.max_prompt_tokens
+
+
 def _limits(cfg: Config) -> dict[str, int]:
     s = cfg.serve
     return {
         "max_tokens": s.max_tokens,
-        "max_prompt_tokens": s.max_prompt_tokens or cfg.data.max_prompt_tokens,
+        "max_prompt_tokens": prompt_limit(cfg),
         "max_body_bytes": s.max_body_kb * 1024,
         "max_concurrency": s.max_concurrency,
     }
