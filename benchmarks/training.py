@@ -224,6 +224,7 @@ class RayTrainLoop:
         self.pairs = ray.data.from_arrow(pq.read_table(root / "pairs.parquet"))
         start = time.perf_counter()
         self.trainer = Trainer(load_config(None, cpu_overrides(root / "ray")), str(root / "model"))
+        self.trainer.wait_ready()
         self.startup = time.perf_counter() - start
         self.iterations = 0
         self.outside: list[float] = []  # seconds per Trainer.train() not spent in the loop

@@ -53,7 +53,7 @@ class Sender:
 
     def send(self, plan: list) -> float:
         start = time.perf_counter()
-        send_buckets(self.group, plan, self.params)
+        send_buckets(self.group, plan, self.params, senders=1)
         return time.perf_counter() - start
 
 
@@ -70,7 +70,7 @@ class RawPeer:
 
         flat = torch.ones(nbytes // 4) if self.rank == 0 else torch.empty(nbytes // 4)
         start = time.perf_counter()
-        broadcast(self.group, flat).wait()
+        broadcast(self.group, flat, root=0).wait()
         return time.perf_counter() - start
 
 
@@ -96,7 +96,7 @@ def measure(model_dir: Path, bucket_mb: float) -> dict[str, float]:
 
     def broadcast_once() -> float:
         start = time.perf_counter()
-        received = engine.receive_weights.remote(plan)
+        received = engine.receive_weights.remote(plan, 1)
         ray.get([sender.send.remote(plan), received])
         return time.perf_counter() - start
 

@@ -11,13 +11,51 @@ progress; what the libraries print goes to run.output_dir/logs/ (`--verbose` sho
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import sys
-from pathlib import Path
+import time
+
+LAUNCHED = time.time()  # before the heavy imports: the start-up breakdown counts them
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    from spin_ray.config import Config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
+
+
+def init_ray(cfg: Config) -> None:
+    """Joins the configured cluster, or starts a local Ray sized for the job."""
+    import ray
+
+    from spin_ray.console import LOG_DIR_ENV, log_driver_to
+
+    out = Path(cfg.run.output_dir)
+    # Ray Data's bars are unreadable when forwarded from actors: the console draws progress.
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # Ray Train would print each worker line twice
+    runtime_env: dict = {"env_vars": env}
+    if not cfg.run.verbose:
+        log_driver_to(out / "logs")
+        env[LOG_DIR_ENV] = str(out / "logs")
+        runtime_env["worker_process_setup_hook"] = "spin_ray.console.capture_output"
+    init = dict(runtime_env=runtime_env, log_to_driver=cfg.run.verbose, configure_logging=cfg.run.verbose)
+    if os.environ.get("RAY_ADDRESS") or cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address, **init)
+        return
+    # Logical CPUs, not cores: engines and train workers mostly wait on each other, and too few
+    # slots leave an actor pending forever without a word.
+    g, t = cfg.generation, cfg.train
+    demand = g.num_engines * g.num_cpus + t.num_workers * t.num_cpus + 2
+    num_cpus = max(os.cpu_count() or 1, int(demand + 0.999))
+    # Ray warns when more worker processes start than the machine has cores; this job starts
+    # one per actor by design, so the warning would be noise on a small machine.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
+    ray.init(num_cpus=num_cpus, **init)
 
 
 def main(argv: list[str]) -> int:
@@ -39,41 +77,21 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    marks = {"launch": LAUNCHED, "checked": time.time()}
     if args.dry_run:
         from spin_ray.plan import dry_run
 
         return dry_run(cfg, prepared)
+    init_ray(cfg)
+    marks["ray_up"] = time.time()
 
-    import ray
-
-    from spin_ray.console import LOG_DIR_ENV, Console, header, log_driver_to, table
+    from spin_ray.console import Console, header, table
     from spin_ray.coordinator import run_job
 
     out = Path(cfg.run.output_dir)
     print(header(cfg, prepared), flush=True)
-    # Ray Data's bars are unreadable when forwarded from actors: the console draws progress.
-    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # Ray Train would print each worker line twice
-    runtime_env: dict = {"env_vars": env}
-    if not cfg.run.verbose:
-        log_driver_to(out / "logs")
-        env[LOG_DIR_ENV] = str(out / "logs")
-        runtime_env["worker_process_setup_hook"] = "spin_ray.console.capture_output"
-    init = dict(runtime_env=runtime_env, log_to_driver=cfg.run.verbose, configure_logging=cfg.run.verbose)
-    if os.environ.get("RAY_ADDRESS") or cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address, **init)
-    else:
-        # Logical CPUs, not cores: engines and train workers mostly wait on each other, and too few
-        # slots leave an actor pending forever without a word.
-        g, t = cfg.generation, cfg.train
-        demand = g.num_engines * g.num_cpus + t.num_workers * t.num_cpus + 2
-        num_cpus = max(os.cpu_count() or 1, int(demand + 0.999))
-        # Ray warns when more worker processes start than the machine has cores; this job starts
-        # one per actor by design, so the warning would be noise on a small machine.
-        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
-        ray.init(num_cpus=num_cpus, **init)
     try:
-        summary = run_job(cfg, prepared, Console(out))
+        summary = run_job(cfg, prepared, Console(out), marks)
     except Exception as e:  # the whole story is in the logs; the console gets the cause
         logging.getLogger("spin_ray").exception("the job failed")
         cause = getattr(e, "cause", None) or e

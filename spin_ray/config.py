@@ -89,6 +89,14 @@ class SpinConfig(Section):
         "model",
         description="Reference log-probs from a frozen copy of p_t in the trainer, or scored by the engines.",
     )
+    stream: bool = Field(
+        True,
+        description="Train on the pairs as the engines make them (mixed with earlier iterations' through a "
+        "shuffle window) instead of after all are made; needs train.epochs=1.",
+    )
+    shuffle_window: int = Field(
+        256, gt=0, description="Pairs held to shuffle the stream (spin.stream); training starts once it is full."
+    )
 
 
 class TrainConfig(Section):
@@ -177,6 +185,10 @@ class Config(Section):
     def _consistent(self) -> Config:
         if self.model.path != "toy" and self.data.train_path is None:
             raise ValueError("data.train_path is required unless model.path=toy")
+        if self.spin.stream and self.spin.objective == "spin" and self.train.epochs > 1:
+            raise ValueError(
+                "spin.stream=true trains on each pair as it is made, once: set train.epochs=1 or spin.stream=false"
+            )
         if self.generation.num_gpus == 0 and self.generation.tensor_parallel_size > 1:
             raise ValueError("generation.tensor_parallel_size > 1 needs generation.num_gpus > 0")
         if self.sync.method == "broadcast" and self.train.use_gpu != (self.generation.num_gpus > 0):

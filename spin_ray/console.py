@@ -90,19 +90,21 @@ class Progress:
 
     @contextlib.contextmanager
     def phase(self, t: int, name: str, total: int | None, unit: str) -> Iterator[Callable[..., None]]:
-        """One phase of iteration t (0 = the start model); yields `advance(done, total=None)`."""
-        self._add({"kind": "phase", "label": f"[{t}/{self.iterations}] {name}", "total": total, "unit": unit})
+        """One phase of iteration t (0 = the start model); yields `advance(done, total=None)`.
+        Phases may overlap (generation, training and evaluation run side by side)."""
+        label = f"[{t}/{self.iterations}] {name}"
+        self._add({"kind": "phase", "label": label, "total": total, "unit": unit})
         state = {"done": 0, "total": total}
         tick = time.perf_counter()
 
         def advance(done: int, total: int | None = None) -> None:
             state["done"], state["total"] = done, total or state["total"]
-            self._add({"kind": "advance", "done": done, "total": state["total"]})
+            self._add({"kind": "advance", "label": label, "done": done, "total": state["total"]})
 
         try:
             yield advance
         finally:
-            self._add({"kind": "end", "done": state["done"], "total": state["total"]})
+            self._add({"kind": "end", "label": label, "done": state["done"], "total": state["total"]})
             self.seconds.setdefault(t, {})[f"time/{name}_s"] = time.perf_counter() - tick
 
     def read(self, since: int) -> list[dict[str, Any]]:
@@ -118,8 +120,8 @@ class Console:
         self.events_file = out_dir / "events.jsonl"
         # Bytes of events.jsonl already shown: a resumed run's old faults stay quiet.
         self._events_read = self.events_file.stat().st_size if self.events_file.exists() else 0
-        self._bar: Any = None
-        self._phase: dict[str, Any] = {}
+        self._bars: dict[str, Any] = {}  # label -> tqdm bar, in a terminal
+        self._phases: dict[str, dict[str, Any]] = {}  # label -> what its plain lines need
 
     def follow(self, done: ray.ObjectRef, read: Callable[[int], ray.ObjectRef]) -> Any:
         """Draws progress until `done` is ready; returns its value (or raises its error)."""
@@ -133,45 +135,50 @@ class Console:
                     self._draw(event)
             self._faults()
             if finished:
-                self._close_bar()
+                for label in list(self._bars):
+                    self._close_bar(label)
                 return ray.get(done)
 
     def line(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.write(text)
+        if self._bars:
+            next(iter(self._bars.values())).write(text)
         else:
             print(text, flush=True)
 
     def _draw(self, event: dict[str, Any]) -> None:
-        kind = event["kind"]
+        kind, label = event["kind"], event.get("label")
         if kind == "line":
             self.line(event["text"])
         elif kind == "phase":
-            self._close_bar()
-            self._phase = {"label": event["label"], "unit": event["unit"], "start": event["time"], "said": 0.0}
+            self._phases[label] = {"label": label, "unit": event["unit"], "start": event["time"], "said": 0.0}
             if self.tty:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=event["total"], desc=event["label"], unit=event["unit"], file=sys.stdout)
+                self._bars[label] = tqdm(
+                    total=event["total"], desc=label, unit=event["unit"], file=sys.stdout, position=len(self._bars)
+                )
         elif kind == "advance":
-            if self._bar is not None:
-                self._bar.total = event["total"]
-                self._bar.update(event["done"] - self._bar.n)
-            elif event["time"] - self._phase["start"] - self._phase["said"] >= PLAIN_EVERY_S:
-                self._phase["said"] = event["time"] - self._phase["start"]
-                print(self._plain(event, finished=False), flush=True)
+            bar, phase = self._bars.get(label), self._phases[label]
+            if bar is not None:
+                bar.total = event["total"]
+                bar.update(event["done"] - bar.n)
+            elif event["time"] - phase["start"] - phase["said"] >= PLAIN_EVERY_S:
+                phase["said"] = event["time"] - phase["start"]
+                print(self._plain(phase, event, finished=False), flush=True)
         elif kind == "end":
-            if self._bar is not None:
-                self._bar.total = event["total"] or event["done"]
-                self._bar.update(event["done"] - self._bar.n)
-                self._close_bar()
+            phase, bar = self._phases.pop(label), self._bars.get(label)
+            if bar is not None:
+                bar.total = event["total"] or event["done"]
+                bar.update(event["done"] - bar.n)
+                self._close_bar(label)
             else:
-                print(self._plain(event, finished=True), flush=True)
+                print(self._plain(phase, event, finished=True), flush=True)
 
-    def _plain(self, event: dict[str, Any], finished: bool) -> str:
-        elapsed = max(event["time"] - self._phase["start"], 1e-9)
-        done, total, unit = event["done"], event["total"], self._phase["unit"]
-        label = f"{self._phase['label']:<18}"
+    @staticmethod
+    def _plain(phase: dict[str, Any], event: dict[str, Any], finished: bool) -> str:
+        elapsed = max(event["time"] - phase["start"], 1e-9)
+        done, total, unit = event["done"], event["total"], phase["unit"]
+        label = f"{phase['label']:<18}"
         if not done:  # a phase without counts (start-up, export)
             return f"{label} {'done in' if finished else 'running for'} {_duration(elapsed)}"
         count, rate = f"{done}/{total} {unit}" if total else f"{done} {unit}", f"{done / elapsed:.1f} {unit}/s"
@@ -180,10 +187,8 @@ class Console:
         eta = f", ETA {_duration((total - done) * elapsed / done)}" if total else ""
         return f"{label} {count}, {rate}{eta}"
 
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+    def _close_bar(self, label: str) -> None:
+        self._bars.pop(label).close()
 
     def _faults(self) -> None:
         """Faults and recoveries, as `events.jsonl` records them (engines are replaced in their

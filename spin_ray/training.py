@@ -10,15 +10,15 @@ reference in memory, without a reload from disk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
+import queue
 import shutil
 import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from spin_ray.config import Config
 from spin_ray.console import name_log
 from spin_ray.data import pad_pairs
 from spin_ray.loss import sequence_logps, sft_loss, spin_loss, spin_metrics
+from spin_ray.pairs import PairStream
 from spin_ray.sync import Spec, pack, send_buckets, weight_group
 from spin_ray.tracking import record_event
 
@@ -42,19 +43,28 @@ class Channel:
     greeting is never mistaken for a result. A worker that (re)starts says `hello` and gets the
     weights to load (the latest exported p_t); tasks queued for its predecessor are dropped. Once
     every rank of a new group has said hello, `generation` goes up and the driver re-posts
-    whatever was interrupted.
+    whatever was interrupted. A streamed iteration's pair batches come through `feed`, a step
+    (batches for every rank) at a time, at most `FEED_AHEAD` messages ahead of the slowest rank.
     """
+
+    FEED_AHEAD = 8
 
     def __init__(self, world_size: int, model_path: str):
         self.world_size = world_size
         self.model_path = model_path
         self.tasks: list[asyncio.Queue] = [asyncio.Queue() for _ in range(world_size)]
+        self.batches: list[asyncio.Queue] = [asyncio.Queue() for _ in range(world_size)]
+        self.taken = asyncio.Event()
         self.replies: dict[int, dict[int, Any]] = {}
         self.workers: dict[int, dict[str, Any]] = {}
         self.greeted: set[int] = set()  # ranks of the group now starting
         self.generation = 0  # complete worker groups so far
         self.beats: dict[int, tuple[float, str]] = {}  # rank -> (time, what it is doing)
         self.steps: dict[int, tuple[int, int]] = {}  # rank -> (optimizer steps done, of how many)
+        self.ready: dict[int, float] = {}  # rank -> when its model and DeepSpeed were up (last time)
+
+    async def ready_at(self) -> float:
+        return max(self.ready.values())
 
     async def hello(self, rank: int, info: dict[str, Any]) -> str:
         self.tasks[rank] = asyncio.Queue()
@@ -64,6 +74,8 @@ class Channel:
             self.generation += 1
             self.greeted.clear()
             self.replies.clear()
+            self.batches = [asyncio.Queue() for _ in range(self.world_size)]  # none meant for the last group
+            self.taken.set()
         self.beats[rank] = (time.time(), "starting")
         return self.model_path
 
@@ -82,8 +94,34 @@ class Channel:
     async def next_task(self, rank: int) -> dict[str, Any]:
         return await self.tasks[rank].get()
 
+    async def feed(self, generation: int, message: list[list[ray.ObjectRef]]) -> bool:
+        """Queues a message (a ref per rank to its batches) for group `generation` once there is
+        room; False: that group is gone.
+        Refs come wrapped in lists so that Ray hands them on instead of fetching them here."""
+        while generation == self.generation and max(q.qsize() for q in self.batches) >= self.FEED_AHEAD:
+            self.taken.clear()
+            await self.taken.wait()  # a rank took a message, or a new group said hello
+        if generation != self.generation:
+            return False
+        for mailbox, batches in zip(self.batches, message, strict=True):
+            mailbox.put_nowait(batches)
+        return True
+
+    async def end_feed(self, generation: int) -> None:
+        """The stream broke: every rank's next batch is None, so it stops and reports."""
+        if generation == self.generation:
+            for mailbox in self.batches:
+                mailbox.put_nowait(None)
+
+    async def next_batch(self, rank: int) -> list[ray.ObjectRef] | None:
+        message = await self.batches[rank].get()
+        self.taken.set()
+        return message
+
     async def beat(self, rank: int, what: str, steps: tuple[int, int] | None = None) -> None:
         self.beats[rank] = (time.time(), what)
+        if what == "ready":
+            self.ready[rank] = time.time()
         if steps:
             self.steps[rank] = steps
 
@@ -146,7 +184,8 @@ class SpinWorker:
         self.world_size = torch.distributed.get_world_size()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.beat: Callable[[str], None] = lambda what: None  # progress for the driver's stall check
+        self.beat: Callable[..., None] = lambda what, steps=None: None  # progress for the driver's stall check
+        self.next_batch: Callable[[], ray.ObjectRef] = lambda: None  # the channel's next fed batch
         ds_config = deepspeed_config(cfg)
         # Kept alive so from_pretrained loads straight into ZeRO-3 partitions (a 70B model never
         # exists whole on one rank).
@@ -229,8 +268,9 @@ class SpinWorker:
         torch.distributed.all_reduce(local)
         return dict(zip(keys, (local / self.world_size).tolist(), strict=True))
 
-    def train(self, iteration: int, shard: ray.data.Dataset, rows_per_rank: int) -> dict[str, Any]:
-        """Trains p_t from p_{t-1} on this rank's shard; returns the log lines (rank-averaged)."""
+    def train(self, iteration: int, shard: ray.data.Dataset | None, rows_per_rank: int) -> dict[str, Any]:
+        """Trains p_t from p_{t-1} on this rank's shard, or (None) on the batches fed to it through
+        the channel; returns the log lines (rank-averaged)."""
         t = self.cfg.train
         if self.reference is not None:
             self._refresh_reference()
@@ -241,7 +281,11 @@ class SpinWorker:
         logs, window = [], []
         micro = 0
         for epoch in range(t.epochs):
-            for rows in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy"):
+            if shard is None:  # spin.stream: config allows one epoch only
+                batches = self.fed_batches(math.ceil(rows_per_rank / t.batch_size))
+            else:
+                batches = shard.iter_batches(batch_size=t.batch_size, batch_format="numpy")
+            for rows in batches:
                 lr = lr_at(micro // t.grad_accum, total_steps, t.lr, t.warmup_ratio, t.schedule)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -258,6 +302,21 @@ class SpinWorker:
                         shown = " ".join(f"{k} {v:.4f}" for k, v in line.items() if "/" in k or k == "loss")
                         print(f"[train] iteration {iteration} micro-batch {micro}/{micro_steps} {shown}", flush=True)
         return {"logs": logs, "seconds": time.perf_counter() - start, "steps": micro, "pid": os.getpid()}
+
+    def fed_batches(self, count: int) -> Iterator[dict[str, list]]:
+        """`count` batches from the channel, which sends several at a time; the next message is
+        asked for while this one's batches train."""
+        pending, left = self.next_batch(), count
+        while left:
+            item = ray.get(pending)
+            if item is None:
+                raise RuntimeError("the coordinator stopped the pair stream (its log says why)")
+            batches = ray.get(item[0])
+            left -= len(batches)
+            if left:
+                pending = self.next_batch()
+            for batch in batches:
+                yield batch.to_pydict()
 
     @torch.no_grad()
     def score(self, shard: ray.data.Dataset) -> dict[str, list]:
@@ -314,23 +373,13 @@ class SpinWorker:
         return free_address() if self.rank == 0 else None
 
     def join_weight_group(self, master: str, port: int, world_size: int, timeout_s: float) -> dict[str, Any]:
-        if self.rank == 0:
-            self.weight_group = weight_group(master, port, 0, world_size, timeout_s)
+        self.weight_group = weight_group(master, port, self.rank, world_size, timeout_s)
         return {}
 
     def broadcast_weights(self, plan: list[list[Spec]]) -> dict[str, Any]:
-        """Rank 0 broadcasts bucket by bucket. Under ZeRO-3 every rank gathers one bucket at a
-        time, so no rank holds more than a bucket beyond its shard."""
-        import deepspeed
-
-        def gather(tensors: list[torch.Tensor]) -> contextlib.AbstractContextManager:
-            if self.cfg.train.zero_stage == 3:
-                return deepspeed.zero.GatheredParameters(tensors, modifier_rank=None)
-            return contextlib.nullcontext()
-
-        group = self.weight_group if self.rank == 0 else None
+        """Every rank sends its own part of each bucket (under ZeRO-3: its own partition)."""
         try:
-            send_buckets(group, plan, dict(self.engine.module.named_parameters()), gather)
+            send_buckets(self.weight_group, plan, dict(self.engine.module.named_parameters()), self.world_size)
         except Exception:
             self.weight_group = None  # dropping it closes the sockets, so no engine waits for the rest
             raise
@@ -364,10 +413,12 @@ def worker_loop(config: dict[str, Any]) -> None:
     model_path = ray.get(channel.hello.remote(rank, here))
     worker = SpinWorker(cfg, model_path)
     worker.beat = lambda what, steps=None: channel.beat.remote(rank, what, steps)
+    worker.next_batch = lambda: channel.next_batch.remote(rank)
     worker.beat("ready")
     while True:
         task = ray.get(channel.next_task.remote(rank))
         task_id, kind = task.pop("task_id"), task.pop("kind")
+        print(f"[train] rank {rank} runs {kind} (task {task_id})", flush=True)
         if kind == "stop":
             return
         try:
@@ -380,6 +431,57 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 class TrainerError(RuntimeError):
     """The trainer failed, stalled or ran out of restarts; the message says which and what to do."""
+
+
+class GroupRestarted(Exception):
+    """The worker group restarted during a task that cannot simply be posted again."""
+
+
+class Feeder:
+    """Feeds a stream of steps (one batch per rank) to worker group `generation`. The steps are
+    made on one thread and sent on another, each message carrying every step made meanwhile (up
+    to `MAX_STEPS`), so a fast stream costs few messages and a slow one waits for nothing.
+    If the stream fails, the ranks are told to stop and `check` raises the cause."""
+
+    MAX_STEPS = 64
+
+    def __init__(self, channel: Any, generation: int, steps: Iterator[list[pa.Table]]):
+        self.channel, self.generation = channel, generation
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._made: queue.Queue = queue.Queue(maxsize=2 * self.MAX_STEPS)
+        threading.Thread(target=self._make, args=(steps,), daemon=True).start()
+        threading.Thread(target=self._send, daemon=True).start()
+
+    def _make(self, steps: Iterator[list[pa.Table]]) -> None:
+        try:
+            for step in steps:
+                self._made.put(step)
+        except BaseException as e:  # noqa: BLE001 - raised in the coordinator by `check`
+            self.error = e
+        self._made.put(None)
+
+    def _send(self) -> None:
+        end = False
+        while not end and not self._stop.is_set():
+            steps = [self._made.get()]
+            while len(steps) < self.MAX_STEPS and not self._made.empty():
+                steps.append(self._made.get())
+            end = steps[-1] is None
+            steps = [s for s in steps if s is not None]
+            if self.error is not None:
+                self.channel.end_feed.remote(self.generation)  # the ranks stop waiting and report
+                return
+            batches = [[ray.put([step[rank] for step in steps])] for rank in range(len(steps[0]))] if steps else []
+            if batches and not ray.get(self.channel.feed.remote(self.generation, batches)):
+                return
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class Trainer:
@@ -398,9 +500,27 @@ class Trainer:
         self._task_id = 0
         self._error: BaseException | None = None
         self._stopping = False
+        self._specs: list[Spec] | None = None
         self._thread = threading.Thread(target=self._fit, daemon=True)
-        self._thread.start()
-        self.weight_specs = self.call("weight_specs")[0]  # returns once every rank is up
+        self._thread.start()  # returns at once: the workers start while engines load and generate
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg.train.num_workers
+
+    def wait_ready(self) -> list[Spec]:
+        """Waits until every rank is up; returns (name, shape, dtype) of every weight."""
+        if self._specs is None:
+            self._specs = self.call("weight_specs")[0]
+        return self._specs
+
+    def ready_at(self) -> float:
+        """When the last rank was up (epoch seconds), for the start-up breakdown."""
+        return ray.get(self.channel.ready_at.remote())
+
+    @property
+    def weight_specs(self) -> list[Spec]:
+        return self.wait_ready()
 
     def _torch_trainer(self, attempt: int) -> Any:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -440,11 +560,14 @@ class Trainer:
         kind: str,
         per_rank: list[dict[str, Any]] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
+        check: Callable[[], None] = lambda: None,
+        again: bool = True,
         **task: Any,
     ) -> list[Any]:
         """Runs a SpinWorker method on every rank (the same `task`, or one dict per rank) and
-        returns every rank's result; `on_progress(done, total)` hears rank 0's optimizer steps.
-        A group that restarts meanwhile gets the task again."""
+        returns every rank's result; `on_progress(done, total)` hears rank 0's optimizer steps,
+        `check()` runs at every poll (its error ends the wait). A group that restarts meanwhile
+        gets the task again, or (`again=False`) GroupRestarted is raised."""
         tasks = [{"kind": kind, **t} for t in per_rank] if per_rank else [{"kind": kind, **task}] * len(self._ranks)
         posted = time.time()
         self._task_id += 1
@@ -457,13 +580,17 @@ class Trainer:
                     self.restarts.append(restart)
                     record_event(self.cfg.run.output_dir, "trainer_restarted", **restart)
                     print(f"[train] worker group restarted during {kind}; running it again", flush=True)
+                restarted = bool(self.generation)
                 self.generation = state["generation"]
                 self.pids = [w["pid"] for w in state["workers"]]
                 self.nodes = [w["node"] for w in state["workers"]]
+                if restarted and not again:
+                    raise GroupRestarted(kind)
                 self._task_id += 1
                 self._post(tasks)
                 posted = state["now"]
                 continue
+            check()
             if on_progress and 0 in state["steps"]:
                 on_progress(*state["steps"][0])
             if state["results"] is not None:
@@ -485,7 +612,7 @@ class Trainer:
 
     @property
     def _ranks(self) -> range:
-        return range(self.cfg.train.num_workers)
+        return range(self.world_size)
 
     def _check_stall(self, kind: str, state: dict[str, Any], posted: float) -> None:
         """No silent hangs: ranks that show no progress for too long are reported with what each
@@ -512,10 +639,15 @@ class Trainer:
         ray.get(self.channel.set_model_path.remote(path))
 
     def train(
-        self, iteration: int, pairs: ray.data.Dataset, on_progress: Callable[[int, int], None] | None = None
+        self,
+        iteration: int,
+        pairs: ray.data.Dataset | PairStream,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         """One SPIN iteration of training on `pairs`; equal rows per rank, so equal steps."""
-        n = self.cfg.train.num_workers
+        if isinstance(pairs, PairStream):
+            return self._train_stream(iteration, pairs, on_progress)
+        n = self.world_size
         pairs = pairs.materialize()  # count and split must not run a lazy pipeline (engine scoring) twice
         total = pairs.count()
         if total % n:
@@ -523,6 +655,22 @@ class Trainer:
         shards = pairs.split(n, equal=True)
         per_rank = [{"iteration": iteration, "shard": s, "rows_per_rank": total // n} for s in shards]
         return self.call("train", per_rank, on_progress)[0]
+
+    def _train_stream(
+        self, iteration: int, pairs: PairStream, on_progress: Callable[[int, int], None] | None
+    ) -> dict[str, Any]:
+        """Feeds the steps to the ranks as they come. A group that restarts gets the stream again
+        from its first step: its order is replayable (spin_ray.pairs)."""
+        self.wait_ready()  # the steps are fed to one known group
+        task = {"iteration": iteration, "shard": None, "rows_per_rank": pairs.total // self.world_size}
+        while True:
+            feeder = Feeder(self.channel, self.generation, pairs.steps(self.world_size))
+            try:
+                return self.call("train", [task] * self.world_size, on_progress, feeder.check, again=False)[0]
+            except GroupRestarted:
+                continue
+            finally:
+                feeder.stop()
 
     def score(self, pairs: pa.Table) -> dict[str, tuple[float, float]]:
         """{uid: (log p(real), log p(generated))} under the current policy."""

@@ -145,7 +145,9 @@ def make_trainer(toy, out_dir, *overrides: str) -> Trainer:
             *overrides,
         ],
     )
-    return Trainer(cfg, str(toy.model_dir))
+    trainer = Trainer(cfg, str(toy.model_dir))
+    trainer.wait_ready()  # the tests use its pids
+    return trainer
 
 
 def make_engines(toy, *overrides: str, max_model_len: int = 256) -> Engines:

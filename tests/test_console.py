@@ -36,6 +36,25 @@ def test_plain_lines_report_count_rate_and_eta(tmp_path, capsys, monkeypatch):
     assert set(progress.seconds[1]) == {"time/generate_s", "time/export_s"}
 
 
+def test_overlapping_phases_keep_their_own_counts_and_clocks(tmp_path, capsys):
+    """Streaming: training starts while generation runs, and ends after it."""
+    progress = Progress(iterations=3)
+    generate, train = progress.phase(2, "generate", 500, "prompts"), progress.phase(2, "train", None, "steps")
+    advance_generation, advance_training = generate.__enter__(), train.__enter__()
+    advance_generation(500)
+    advance_training(10)
+    generate.__exit__(None, None, None)
+    advance_training(32)
+    train.__exit__(None, None, None)
+    console = Console(tmp_path, tty=False)
+    for event in events(progress, [0, 1, 2, 3, 4, 9, 10]):
+        console._draw(event)
+    assert capsys.readouterr().out.splitlines() == [
+        "[2/3] generate     500/500 prompts in 4.0s (125.0 prompts/s)",
+        "[2/3] train        32 steps in 9.0s (3.6 steps/s)",
+    ]
+
+
 def test_terminal_draws_one_bar_per_phase(tmp_path, capsys):
     progress = Progress(iterations=2)
     with progress.phase(2, "train", None, "steps") as advance:

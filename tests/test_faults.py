@@ -84,9 +84,8 @@ def scenario(toy_run):
 
         # No --working-dir on a fake cluster (see spin_ray.testbed): the code is the editable install.
         cluster.ray("job", "submit", "--no-wait", *command)
-        # Job A. Faults 1 and 2: freeze both engines and one train worker once the start model is
-        # evaluated, so the first generation and then the first training get stuck on them; kill
-        # each once its work has started, so every kill lands mid-batch or mid-step.
+        # Job A. Fault 1: freeze both engines as soon as the first generation starts (the start
+        # model's evaluation waits for its first pairs), then kill them mid-batch.
         wait_for(
             "engines and workers",
             lambda: len(cluster.actors("Engine")) == len(cluster.actors("RayTrainWorker")) == 2,
@@ -95,16 +94,20 @@ def scenario(toy_run):
         )
         engines = [a.pid for a in cluster.actors("Engine")]
         worker = cluster.actors("RayTrainWorker")[0].pid
-        # Polled tightly: the first generation takes ~0.5 s, the freeze must land inside it.
-        wait_for("the start model's evaluation", lambda: (out / "metrics.jsonl").exists(), timeout=600, every=0.005)
-        for pid in [*engines, worker]:
+        generated = out / "iter_1" / "pairs.tmp"
+        wait_for("iteration 1's generation", generated.exists, timeout=600, every=0.005)
+        for pid in engines:
             os.kill(pid, signal.SIGSTOP)
         observe()
-        wait_for("iteration 1's generation", lambda: (out / "iter_1" / "pairs.tmp").exists())
         time.sleep(0.5)
         for pid in engines:
             os.kill(pid, signal.SIGKILL)
-        wait_for("iteration 1's pairs", lambda: (out / "iter_1" / "pairs").exists(), timeout=120)
+        # Fault 2: freeze a train worker once it has the streamed training task (it waits for
+        # pairs from the replacement engines), and kill it once every pair is made: the new group
+        # gets the stream again from its first pair, read back from disk.
+        wait_for("the streamed training", lambda: runs_train(out, worker), every=0.01)
+        os.kill(worker, signal.SIGSTOP)
+        wait_for("iteration 1's pairs", lambda: len(list(generated.glob("part-*.parquet"))) == 6, timeout=300)
         time.sleep(1)
         os.kill(worker, signal.SIGKILL)
         seen |= {"killed_engines": engines, "killed_worker": worker}
@@ -135,6 +138,11 @@ def scenario(toy_run):
 
 def types_of(seen: dict, node_id: str) -> str:
     return seen["nodes"].get(node_id, "?")
+
+
+def runs_train(out: Path, pid: int) -> bool:
+    """Whether the train worker `pid` has been given its training task (its log says so)."""
+    return any("runs train" in log.read_text() for log in (out / "logs").glob(f"train-rank*-{pid}.log"))
 
 
 def read_events(out: Path) -> list[dict]:

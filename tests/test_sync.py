@@ -12,7 +12,7 @@ import torch
 from helpers import hf_greedy, make_engines, make_trainer, prompt_ids
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray.sync import plan_buckets, sync_weights
+from spin_ray.sync import own_part, part_numel, plan_buckets, sync_weights
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,16 @@ def test_engine_frozen_during_broadcast_is_replaced_and_all_serve_new_weights(wo
     assert "sync/recovered" not in engines.serve(str(out / "next"), trainer, None)
     engines_match_checkpoint(engines.list(), out / "next", tok)
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_senders_parts_put_together_are_the_tensor():
+    """Every trainer rank sends elements [rank*size, (rank+1)*size) of each flat tensor, the last
+    part zero-padded (ZeRO-3's partition layout); the engines join the parts and drop the padding."""
+    tensor = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
+    for senders in (1, 2, 3, 4, 7):
+        parts = [own_part(tensor, rank, senders) for rank in range(senders)]
+        assert {p.numel() for p in parts} == {part_numel(30, senders)}
+        assert torch.equal(torch.cat(parts)[:30].view(10, 3), tensor)
 
 
 def test_plan_buckets_groups_by_dtype_in_order():

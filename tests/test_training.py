@@ -8,17 +8,19 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
 from helpers import hf_logps, make_trainer
 from safetensors.torch import load_file
 
+from spin_ray.pairs import pair_stream
 from spin_ray.training import TrainerError
 
 
 def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs, tmp_path):
-    trainer = make_trainer(toy, tmp_path, "train.zero_stage=3", "train.epochs=2")
+    trainer = make_trainer(toy, tmp_path, "train.zero_stage=3", "train.epochs=2", "spin.stream=false")
     try:
         first = trainer.train(1, ray.data.from_arrow(pairs))
         step1 = first["logs"][0]
@@ -89,11 +91,17 @@ def test_sft_arm_exact_nll_and_the_same_steps(ray_session, toy, pairs, tmp_path)
         trainer.stop()
 
 
-def test_worker_killed_mid_training_restarts_and_ends_with_equal_weights(ray_session, toy, pairs, tmp_path):
+@pytest.mark.parametrize("stream", [False, True], ids=["dataset", "stream"])
+def test_worker_killed_mid_training_restarts_and_ends_with_equal_weights(ray_session, toy, pairs, tmp_path, stream):
     """SIGKILL a train rank mid-iteration: Ray Train restarts the group, the new workers load p_t
-    (the last exported checkpoint) and the iteration runs again; fp32 weights equal bit for bit."""
+    (the last exported checkpoint) and the iteration runs again (a stream: replayed from its first
+    pair); fp32 weights equal bit for bit."""
     many = pa.concat_tables([pairs] * 8)  # 128 pairs, 32 steps per rank: time to kill mid-way
     many = many.set_column(0, "uid", pa.array([f"{u}-{i}" for i, u in enumerate(many["uid"].to_pylist())]))
+    stored = tmp_path / "iter_1" / "pairs"
+    stored.mkdir(parents=True)
+    for k in range(4):
+        pq.write_table(many.slice(32 * k, 32), stored / f"part-{k:06d}.parquet")
     overrides = ("train.zero_stage=2", "train.batch_size=2", "train.log_every=8", "train.max_restarts=1")
     exported = {}
     for fault in (False, True):
@@ -102,7 +110,8 @@ def test_worker_killed_mid_training_restarts_and_ends_with_equal_weights(ray_ses
             killer = threading.Thread(target=kill_rank_mid_training, args=(trainer, 1)) if fault else None
             if killer:
                 killer.start()
-            result = trainer.train(1, ray.data.from_arrow(many))
+            data = pair_stream([stored], None, 1, 16, 2) if stream else ray.data.from_arrow(many)
+            result = trainer.train(1, data)
             if killer:
                 killer.join()
             trainer.export(tmp_path / str(fault) / "model")
@@ -115,6 +124,22 @@ def test_worker_killed_mid_training_restarts_and_ends_with_equal_weights(ray_ses
     assert exported[True].keys() == exported[False].keys()
     for name, tensor in exported[False].items():
         assert torch.equal(exported[True][name], tensor), name
+
+
+def test_stream_of_an_odd_count_gives_both_ranks_the_same_steps(ray_session, toy, pairs, tmp_path):
+    """spin.stream on 2 ranks: 7 pairs in batches of 2 -> 3 pairs and 2 steps per rank, no hang;
+    the first step's loss is log 2 (policy = reference)."""
+    stored = tmp_path / "iter_1" / "pairs"
+    stored.mkdir(parents=True)
+    pq.write_table(pairs.slice(0, 7), stored / "part-000000.parquet")
+    trainer = make_trainer(toy, tmp_path, "train.batch_size=2")
+    try:
+        for t in (1, 2):
+            result = trainer.train(t, pair_stream([stored], None, t, 4, 2))
+            assert result["steps"] == 2 and result["logs"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert trainer.restarts == []
+    finally:
+        trainer.stop()
 
 
 def kill_rank_mid_training(trainer, rank: int) -> None:

@@ -1,0 +1,183 @@
+"""An iteration's pairs as a stream (`spin.stream`): training starts on the first pairs while the
+engines still answer, and no process ever holds the whole data set.
+
+The order the trainer sees is a pure function of the run seed and the pairs, never of timing:
+  1. the prompts go to the engines in a seeded permutation (seed + t), and the answers come back
+     in that order (Ray Data keeps it), each batch written to disk as it arrives (`Generation`);
+  2. those pairs and the earlier iterations' (read back file by file) are interleaved at random:
+     each next pair comes from a source with probability proportional to the pairs it has left;
+  3. a shuffle window of `spin.shuffle_window` pairs: each pair out is a random one of the window;
+  4. the first (pairs // ranks) * ranks pairs are dealt in steps: every rank gets `batch_size`
+     consecutive pairs per step, so all ranks run the same steps.
+So the same pairs in the same order can be replayed from disk: to a trainer group that restarted,
+or when a resumed iteration finds its pairs already generated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spin_ray.config import GenerationConfig
+from spin_ray.generation import run_batch
+
+Row = dict[str, Any]
+COLUMNS = ["uid", "prompt_ids", "real_ids", "generated_ids"]
+REFERENCE = {"real_ids": "ref_real_logps", "generated_ids": "ref_generated_logps"}  # log p_{t-1}, by the engines
+
+
+@dataclass
+class PairStream:
+    """What a streamed iteration trains on: `steps(ranks)` makes the stream anew from its start
+    (`deal`'s steps); `total` pairs in all."""
+
+    total: int
+    steps: Callable[[int], Iterator[list[pa.Table]]]
+
+
+class Generation:
+    """Iteration t's answers, made on a thread of their own: each batch the engines finish is
+    written to `tmp` as part-<k>.parquet, in prompt order. Readers follow with `part(k)`."""
+
+    def __init__(self, batches: Iterator[pa.Table], tmp: Path, expected: int):
+        self.tmp, self.expected = tmp, expected
+        self.parts, self.rows, self.tokens = 0, 0, 0
+        self.error: BaseException | None = None
+        self.finished = False
+        self.seconds = 0.0
+        self.on_first_part: Callable[[], Any] = lambda: None
+        self._cond = threading.Condition()
+        tmp.mkdir(parents=True, exist_ok=True)
+        for stale in tmp.glob("part-*.parquet"):  # of an attempt that crashed
+            stale.unlink()
+        self._thread = threading.Thread(target=self._run, args=(batches,), daemon=True)
+        self._thread.start()
+
+    def _run(self, batches: Iterator[pa.Table]) -> None:
+        tick = time.perf_counter()
+        try:
+            for batch in batches:
+                pq.write_table(batch, self.tmp / f"part-{self.parts:06d}.parquet")
+                if not self.parts:
+                    self.on_first_part()
+                with self._cond:
+                    self.parts += 1
+                    self.rows += batch.num_rows
+                    self.tokens += pa.compute.sum(batch["generated_tokens"]).as_py()
+                    self._cond.notify_all()
+            if self.rows != self.expected:
+                raise RuntimeError(f"generation returned {self.rows} pairs for {self.expected} prompts")
+        except BaseException as e:  # noqa: BLE001 - handed to whoever reads or waits
+            self.error = e
+        finally:
+            self.seconds = time.perf_counter() - tick
+            with self._cond:
+                self.finished = True
+                self._cond.notify_all()
+
+    def part(self, k: int) -> Path | None:
+        """Part k once written; None when generation ended with fewer parts."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.parts > k or self.finished or self.error is not None)
+            if self.error is not None:
+                raise self.error
+            return self.tmp / f"part-{k:06d}.parquet" if self.parts > k else None
+
+    def wait(self) -> dict[str, float]:
+        """Blocks until every prompt is answered and on disk; returns the gen/ metrics."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return {"gen/seconds": self.seconds, "gen/tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+
+
+def pair_stream(
+    dirs: list[Path],
+    new: Generation | None,
+    seed: int,
+    window: int,
+    batch_size: int,
+    score: Callable[[Iterator[Row]], Iterator[Row]] | None = None,
+) -> PairStream:
+    """The stream of the pairs stored in `dirs` (earlier iterations first) and of `new`, in the
+    order the module docstring gives; `score` adds reference log-probs on the way."""
+    total = sum(map(stored_count, dirs)) + (new.expected if new else 0)
+
+    def steps(ranks: int) -> Iterator[list[pa.Table]]:
+        rng = np.random.default_rng(seed)
+        sources = [(stored_count(d), stored_rows(d)) for d in dirs]
+        sources += [(new.expected, generated_rows(new))] if new else []
+        rows = window_shuffle(interleave(sources, rng), window, rng)
+        return deal(score(rows) if score else rows, ranks, batch_size, total)
+
+    return PairStream(total, steps)
+
+
+def generated_rows(generation: Generation) -> Iterator[Row]:
+    """The new pairs in prompt order, as their parts reach the disk."""
+    for k in itertools.count():
+        path = generation.part(k)
+        if path is None:
+            return
+        yield from pq.read_table(path, columns=COLUMNS).to_pylist()
+
+
+def stored_rows(pairs_dir: Path) -> Iterator[Row]:
+    """An earlier iteration's pairs, file by file in name order (one file in memory at a time)."""
+    for path in sorted(pairs_dir.glob("*.parquet")):
+        for batch in pq.ParquetFile(path).iter_batches(columns=COLUMNS):
+            yield from batch.to_pylist()
+
+
+def stored_count(pairs_dir: Path) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in pairs_dir.glob("*.parquet"))
+
+
+def interleave(sources: list[tuple[int, Iterator[Row]]], rng: np.random.Generator) -> Iterator[Row]:
+    """A uniformly random interleaving of sources of known sizes: every source is spread over the
+    whole stream (a byte per row of memory for the draw)."""
+    counts = [n for n, _ in sources]
+    for i in rng.permutation(np.repeat(np.arange(len(sources), dtype=np.uint8), counts)):
+        yield next(sources[i][1])
+
+
+def window_shuffle(rows: Iterator[Row], size: int, rng: np.random.Generator) -> Iterator[Row]:
+    """A bounded shuffle: hold `size` rows; each row out is a random one of those held."""
+    window: list[Row] = []
+    for row in rows:
+        if len(window) < size:
+            window.append(row)
+            continue
+        i = int(rng.integers(size))
+        yield window[i]
+        window[i] = row
+    rng.shuffle(window)
+    yield from window
+
+
+def scored_rows(rows: Iterator[Row], pool: Any, cfg: GenerationConfig) -> Iterator[Row]:
+    """`rows` with their reference log-probs (spin.reference=engines), scored a batch at a time."""
+    while chunk := list(itertools.islice(rows, cfg.batch_size)):
+        yield from run_batch(pa.Table.from_pylist(chunk), pool, "score_batch", {"columns": REFERENCE}).to_pylist()
+
+
+def deal(rows: Iterator[Row], ranks: int, batch_size: int, total: int) -> Iterator[list[pa.Table]]:
+    """Steps of one table per rank, every rank the same rows per step: `batch_size`, and in the
+    last step an equal share of what is left. The last total % ranks rows are dropped."""
+    left = total // ranks * ranks
+    while left > 0:
+        step = list(itertools.islice(rows, min(ranks * batch_size, left)))
+        if len(step) < min(ranks * batch_size, left):  # the ranks would wait for it forever
+            raise RuntimeError(f"the pair stream ended {left - len(step)} pairs early")
+        left -= len(step)
+        each = len(step) // ranks
+        yield [pa.Table.from_pylist(step[r * each : (r + 1) * each]) for r in range(ranks)]
