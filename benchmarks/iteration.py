@@ -58,9 +58,9 @@ def job(out: Path, *overrides: str) -> dict[str, Any]:
 
 def toy_data(path: Path, n: int) -> Path:
     """n toy records (the toy's 2000 training records, repeated with their own ids)."""
-    from spin_ray.toy import build_toy_world, read_jsonl
+    from spin_ray.toy import read_jsonl, toy_world
 
-    world = build_toy_world(Path.home() / ".cache" / "spin-ray" / "toy-seed0", seed=0)
+    world = toy_world(0)
     records = read_jsonl(world.train_path)
     with path.open("w") as f:
         for i in range(n):
@@ -131,7 +131,7 @@ def startup(tmp: Path) -> None:
     """The toy job (3 iterations) from launch: when each start-up step was done. Then the same
     training work as the official workflow does it, a process per step, against the job without
     its held-out evaluations (the official scripts evaluate nothing)."""
-    from spin_ray.toy import build_toy_world
+    from spin_ray.toy import toy_world
 
     result = job(tmp / "job")
     marks = result["summary"]["startup_s"]
@@ -139,7 +139,7 @@ def startup(tmp: Path) -> None:
         print(f"  {name:<18} {seconds:6.1f} s after launch")
     print(f"  shut-down          {result['wall'] - marks['done']:6.1f} s after the last iteration")
     print(f"spin-ray toy job: {result['wall']:.1f} s in all, launch to first pair {marks['first_pair']:.1f} s")
-    world = build_toy_world(Path.home() / ".cache" / "spin-ray" / "toy-seed0", seed=0)
+    world = toy_world(0)
     bare = job(tmp / "bare", f"model.path={world.model_dir}", f"data.train_path={world.train_path}")["wall"]
     print(f"spin-ray toy job without held-out evaluation: {bare:.1f} s")
     official_s = official(tmp / "official")
@@ -151,9 +151,9 @@ def official(out: Path, iterations: int = 3) -> float:
     """Re-creates the official scripts' shape on the toy: per iteration, generation in a fresh
     vLLM process, then training in fresh `torchrun` DeepSpeed processes that load p_{t-1} from
     disk and save p_t; the same config, model code and data as the spin-ray job."""
-    from spin_ray.toy import build_toy_world
+    from spin_ray.toy import toy_world
 
-    world = build_toy_world(Path.home() / ".cache" / "spin-ray" / "toy-seed0", seed=0)
+    world = toy_world(0)
     start = time.time()
     model = str(world.model_dir)
     for t in range(1, iterations + 1):
@@ -238,9 +238,9 @@ def _train(out: str, t: int, model_dir: str) -> None:
 
     cfg = _official_config(Path(out))
     previous = str(Path(out) / f"iter_{t - 1}" / "model") if t > 1 else None
-    from spin_ray.toy import build_toy_world
+    from spin_ray.toy import toy_world
 
-    start_model = previous or str(build_toy_world(Path.home() / ".cache" / "spin-ray" / "toy-seed0").model_dir)
+    start_model = previous or str(toy_world(0).model_dir)
     worker = SpinWorker(cfg, start_model)
     tables = [pq.read_table(Path(out) / f"iter_{i}" / "pairs.parquet") for i in range(max(1, t - 1), t + 1)]
     table = shuffled(tables, cfg.run.seed + t)

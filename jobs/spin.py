@@ -11,19 +11,18 @@ progress; what the libraries print goes to run.output_dir/logs/ (`--verbose` sho
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
+import sys
 import time
-
-LAUNCHED = time.time()  # before the heavy imports: the start-up breakdown counts them
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from spin_ray.config import Config
+
+LAUNCHED = time.time()  # before the heavy imports (in main): the start-up breakdown counts them
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
 
@@ -33,6 +32,7 @@ def init_ray(cfg: Config) -> None:
     import ray
 
     from spin_ray.console import LOG_DIR_ENV, log_driver_to
+    from spin_ray.plan import local_cpus, ray_address
 
     out = Path(cfg.run.output_dir)
     # Ray Data's bars are unreadable when forwarded from actors: the console draws progress.
@@ -44,14 +44,10 @@ def init_ray(cfg: Config) -> None:
         env[LOG_DIR_ENV] = str(out / "logs")
         runtime_env["worker_process_setup_hook"] = "spin_ray.console.capture_output"
     init = dict(runtime_env=runtime_env, log_to_driver=cfg.run.verbose, configure_logging=cfg.run.verbose)
-    if os.environ.get("RAY_ADDRESS") or cfg.run.ray_address:
+    if ray_address(cfg):
         ray.init(address=cfg.run.ray_address, **init)
         return
-    # Logical CPUs, not cores: engines and train workers mostly wait on each other, and too few
-    # slots leave an actor pending forever without a word.
-    g, t = cfg.generation, cfg.train
-    demand = g.num_engines * g.num_cpus + t.num_workers * t.num_cpus + 2
-    num_cpus = max(os.cpu_count() or 1, int(demand + 0.999))
+    num_cpus = local_cpus(cfg)
     # Ray warns when more worker processes start than the machine has cores; this job starts
     # one per actor by design, so the warning would be noise on a small machine.
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))

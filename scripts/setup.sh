@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -c "import vllm, ray, deepspeed, transformers" 2>/dev/null \
     || { echo "setup: the environment does not import; see the pip output above" >&2; exit 1; }
 # tests/test_report.py opens report.html in headless Chromium; only root can install it, and the job never needs it.
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     { apt-get install -y -qq --no-install-recommends chromium \
         || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; }; } >/dev/null 2>&1 \
         || echo "setup: could not install chromium; tests/test_report.py will be skipped" >&2

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
 
     from spin_ray.config import load_config
     from spin_ray.coordinator import prepare, run_job
-    from spin_ray.toy import build_toy_world
+    from spin_ray.toy import toy_world
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         if args.converged:
             p0 = Path(args.out) / f"p0-s{seed}"
             run(p0, start + CONVERGE)
-            toy = build_toy_world(Path.home() / ".cache" / "spin-ray" / f"toy-seed{seed}", seed=seed)
+            toy = toy_world(seed)
             start += [f"model.path={p0 / 'iter_6' / 'model'}", f"data.train_path={toy.train_path}"]
             start += [f"data.eval_path={toy.eval_path}"]
         for arm in ("spin", "sft"):

@@ -98,6 +98,11 @@ class SpinConfig(Section):
         256, gt=0, description="Pairs held to shuffle the stream (spin.stream); training starts once it is full."
     )
 
+    @property
+    def streams(self) -> bool:
+        """Whether iterations stream: the SFT baseline has no generated pairs to stream."""
+        return self.stream and self.objective == "spin"
+
 
 class TrainConfig(Section):
     lr: float = Field(5e-7, gt=0, description="Peak learning rate.")
@@ -185,7 +190,7 @@ class Config(Section):
     def _consistent(self) -> Config:
         if self.model.path != "toy" and self.data.train_path is None:
             raise ValueError("data.train_path is required unless model.path=toy")
-        if self.spin.stream and self.spin.objective == "spin" and self.train.epochs > 1:
+        if self.spin.streams and self.train.epochs > 1:
             raise ValueError(
                 "spin.stream=true trains on each pair as it is made, once: set train.epochs=1 or spin.stream=false"
             )

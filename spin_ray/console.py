@@ -150,7 +150,7 @@ class Console:
         if kind == "line":
             self.line(event["text"])
         elif kind == "phase":
-            self._phases[label] = {"label": label, "unit": event["unit"], "start": event["time"], "said": 0.0}
+            self._phases[label] = {"unit": event["unit"], "start": event["time"], "said": 0.0}
             if self.tty:
                 from tqdm import tqdm
 
@@ -178,7 +178,7 @@ class Console:
     def _plain(phase: dict[str, Any], event: dict[str, Any], finished: bool) -> str:
         elapsed = max(event["time"] - phase["start"], 1e-9)
         done, total, unit = event["done"], event["total"], phase["unit"]
-        label = f"{phase['label']:<18}"
+        label = f"{event['label']:<18}"
         if not done:  # a phase without counts (start-up, export)
             return f"{label} {'done in' if finished else 'running for'} {_duration(elapsed)}"
         count, rate = f"{done}/{total} {unit}" if total else f"{done} {unit}", f"{done / elapsed:.1f} {unit}/s"
@@ -212,7 +212,9 @@ def header(cfg: Config, prepared: Any) -> str:
     device = f"{g.tensor_parallel_size * g.num_gpus:g} GPU" if g.num_gpus else f"{g.num_cpus:g} CPU"
     where = f", on `{g.resource}` nodes" if g.resource else ""
     reference = "a frozen copy in the trainer" if cfg.spin.reference == "model" else "scored by the engines"
-    ray_at = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or "a local Ray started by this job"
+    from spin_ray.plan import ray_address
+
+    ray_at = ray_address(cfg) or "a local Ray started by this job"
     rows = {
         "model": f"{prepared.model_path} ({cfg.model.dtype})",
         "data": f"{len(prepared.train)} training prompts, {len(prepared.eval)} held-out",

@@ -60,10 +60,9 @@ def prepare(cfg: Config) -> Prepared:
     toy = cfg.model.path == "toy"
     model_path, train_path, eval_path = cfg.model.path, cfg.data.train_path, cfg.data.eval_path
     if toy:
-        from spin_ray.toy import build_toy_world
+        from spin_ray.toy import toy_world
 
-        cache = Path(os.environ.get("SPIN_RAY_CACHE", Path.home() / ".cache" / "spin-ray"))
-        world = build_toy_world(cache / f"toy-seed{cfg.run.seed}", seed=cfg.run.seed)
+        world = toy_world(cfg.run.seed)
         model_path = str(world.model_dir)
         train_path = train_path or str(world.train_path)
         eval_path = eval_path or str(world.eval_path)
@@ -248,7 +247,7 @@ class Coordinator:
         """The pairs p_t trains on: iteration t's and spin.mix_previous earlier iterations'.
         Streamed (spin.stream, see spin_ray.pairs) or, sequentially, a seeded shuffle of them all."""
         iterations = range(max(1, t - self.cfg.spin.mix_previous), t + 1)
-        if self.cfg.spin.stream and self.cfg.spin.objective == "spin":
+        if self.cfg.spin.streams:
             return self._stream_set(t, new, iterations, engines)
         table = self.training_table(t)
         if self.cfg.spin.reference == "engines" and self.cfg.spin.objective == "spin":
@@ -279,7 +278,8 @@ class Coordinator:
     def train(self, t: int, trainer: Trainer, pairs: ray.data.Dataset | PairStream) -> dict[str, Any]:
         with self.progress.phase(t, "train", None, "steps") as advance:
             result = trainer.train(t, pairs, on_progress=advance)
-        self.marks.setdefault("trainer_ready", trainer.ready_at())
+        if "trainer_ready" not in self.marks:
+            self.marks["trainer_ready"] = trainer.ready_at()
         return result | {"ended": time.perf_counter()}
 
     def export(self, t: int, trainer: Trainer) -> tuple[Path, ray.ObjectRef | None]:

@@ -33,26 +33,12 @@ class Engine:
         from vllm import LLM
 
         name_log("engine")
-        on_cpu = cfg.num_gpus == 0
-        kwargs: dict[str, Any] = {}
-        if on_cpu:
-            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
-            # A prompt prefilled over two steps makes vLLM 0.32 rewind the request's seeded
-            # generator, which CPU generators can't ("CPU Generator does not use offset"): prefill
-            # whole prompts only. Every prompt still fits one step's token budget.
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
-        else:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-            kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
             seed=seed,
-            max_model_len=max_model_len,
-            enforce_eager=cfg.enforce_eager,
             worker_extension_cls="spin_ray.sync.WeightReceiver",
-            **kwargs,
+            **engine_kwargs(cfg, max_model_len),
         )
         self.cfg = cfg
         self.serving = model_path  # the checkpoint whose weights answer now (for the live endpoint)
@@ -155,6 +141,23 @@ def start_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_
     engines = [launch_engine(model_path, dtype, cfg, max_model_len, seed + i) for i in range(cfg.num_engines)]
     ray.get([e.ready.remote() for e in engines])
     return engines
+
+
+def engine_kwargs(cfg: GenerationConfig, max_model_len: int) -> dict[str, Any]:
+    """vLLM engine settings beyond model, dtype and seed (the job's engines and Serve's alike)."""
+    kwargs: dict[str, Any] = {"max_model_len": max_model_len, "enforce_eager": cfg.enforce_eager}
+    if cfg.num_gpus == 0:
+        # A prompt prefilled over two steps makes vLLM 0.32 rewind the request's seeded
+        # generator, which CPU generators can't ("CPU Generator does not use offset"): prefill
+        # whole prompts only. Every prompt still fits one step's token budget.
+        kwargs |= {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30), "enable_chunked_prefill": False}
+        kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
+    else:
+        kwargs |= {
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+        }
+    return kwargs
 
 
 def engine_env(cfg: GenerationConfig) -> dict[str, str]:

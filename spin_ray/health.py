@@ -257,7 +257,7 @@ class Engines:
         tp = self.cfg.generation.tensor_parallel_size if self.cfg.generation.num_gpus else 1
         connect(trainer, engines, tp, self.cfg.sync.timeout_s)
         if not self.plan:
-            self.plan = plan_buckets(trainer.weight_specs, int(self.cfg.sync.bucket_mb * 2**20))
+            self.plan = plan_buckets(trainer.wait_ready(), int(self.cfg.sync.bucket_mb * 2**20))
         self.connected = now
 
     def stats(self) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """An iteration's pairs as a stream (`spin.stream`): training starts on the first pairs while the
-engines still answer, and no process ever holds the whole data set.
+engines still answer, and the pairs never sit whole in one process (a parquet part per source and
+the shuffle window).
 
 The order the trainer sees is a pure function of the run seed and the pairs, never of timing:
   1. the prompts go to the engines in a seeded permutation (seed + t), and the answers come back
@@ -87,7 +88,7 @@ class Generation:
     def part(self, k: int) -> Path | None:
         """Part k once written; None when generation ended with fewer parts."""
         with self._cond:
-            self._cond.wait_for(lambda: self.parts > k or self.finished or self.error is not None)
+            self._cond.wait_for(lambda: self.parts > k or self.finished)  # an error finishes it too
             if self.error is not None:
                 raise self.error
             return self.tmp / f"part-{k:06d}.parquet" if self.parts > k else None
@@ -110,11 +111,12 @@ def pair_stream(
 ) -> PairStream:
     """The stream of the pairs stored in `dirs` (earlier iterations first) and of `new`, in the
     order the module docstring gives; `score` adds reference log-probs on the way."""
-    total = sum(map(stored_count, dirs)) + (new.expected if new else 0)
+    counts = [stored_count(d) for d in dirs]
+    total = sum(counts) + (new.expected if new else 0)
 
     def steps(ranks: int) -> Iterator[list[pa.Table]]:
         rng = np.random.default_rng(seed)
-        sources = [(stored_count(d), stored_rows(d)) for d in dirs]
+        sources = [(n, stored_rows(d)) for n, d in zip(counts, dirs, strict=True)]
         sources += [(new.expected, generated_rows(new))] if new else []
         rows = window_shuffle(interleave(sources, rng), window, rng)
         return deal(score(rows) if score else rows, ranks, batch_size, total)

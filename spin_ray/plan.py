@@ -200,15 +200,25 @@ class Cluster:
     host_gib: float | None = None  # this machine's RAM, for a local run's parts on CPU
 
 
+def ray_address(cfg: Config) -> str | None:
+    """The cluster the job joins (run.ray_address, else RAY_ADDRESS); None: it starts a local Ray."""
+    return cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+
+
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs of the local Ray jobs/spin.py starts: at least what the job asks for, plus 2
+    (engines and train workers mostly wait on each other, and too few slots leave an actor
+    pending forever without a word)."""
+    g, t = cfg.generation, cfg.train
+    return max(os.cpu_count() or 1, math.ceil(g.num_engines * g.num_cpus + t.num_workers * t.num_cpus + 2))
+
+
 def local_cluster(cfg: Config) -> Cluster:
     """This machine as jobs/spin.py's local Ray would see it, without starting one."""
     import psutil
     import torch
 
-    g, t = cfg.generation, cfg.train
-    cores = os.cpu_count() or 1
-    # jobs/spin.py gives a local Ray at least the logical CPUs the job asks for, plus 2.
-    cpus = max(cores, math.ceil(g.num_engines * g.num_cpus + t.num_workers * t.num_cpus + 2))
+    cores, cpus = os.cpu_count() or 1, local_cpus(cfg)
     gpus = torch.cuda.device_count()
     ram = psutil.virtual_memory().total / 2**30
     node = {"CPU": float(cpus)} | ({"GPU": float(gpus)} if gpus else {})
@@ -536,7 +546,7 @@ def dry_run(cfg: Config, prepared: Prepared) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else importing DeepSpeed warns that it found no GPU
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(cfg)
     cluster = connected_cluster(address) if address else local_cluster(cfg)
     lines, problems = plan(cfg, prepared, cluster)
     print(f"[plan] dry run of {prepared.model_path}: nothing was started", *lines, sep="\n")

@@ -25,6 +25,7 @@ import pyarrow.dataset as ds
 import yaml
 
 from spin_ray import plots
+from spin_ray.tracking import read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -90,7 +91,7 @@ class Run:
 def load_run(run_dir: str | Path, n_examples: int = 5) -> Run:
     path = Path(run_dir)
     problems: list[str] = []
-    lines = _read_metrics(path / "metrics.jsonl", problems)
+    lines = _read_metrics(path, problems)
     # Step lines carry train/* keys, iteration rows a global step, the start model's row neither.
     is_step = ["global_step" not in x and any(k.startswith("train/") for k in x) for x in lines]
     steps = _table([x for x, step in zip(lines, is_step, strict=True) if step], "step")
@@ -216,14 +217,9 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
 
 
 def _read_metrics(path: Path, problems: list[str]) -> list[dict[str, Any]]:
-    if not path.exists():
+    if not (path / "metrics.jsonl").exists():
         return []
-    lines = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:  # the job died mid-write
-            problems.append(f"metrics.jsonl line {n} is not JSON; left out")
+    lines = read_metrics(path, problems)
     return [x for x in lines if isinstance(x, dict) and "iteration" in x and "step" in x]  # as Tracker writes
 
 

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request  # at module level: FastAPI resolves the ro
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from spin_ray.config import Config
-from spin_ray.generation import engine_env
+from spin_ray.generation import engine_env, engine_kwargs
 
 
 def checkpoints(path: str | Path, iteration: str = "latest") -> dict[str, Path]:
@@ -56,20 +56,12 @@ def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int) -> A
     from ray.serve.llm import LLMConfig
 
     g, s = cfg.generation, cfg.serve
-    engine: dict[str, Any] = {
-        "dtype": cfg.model.dtype,
-        "max_model_len": max_model_len,
-        "enforce_eager": g.enforce_eager,
-    }
+    engine = {"dtype": cfg.model.dtype, **engine_kwargs(g, max_model_len)}
     env = engine_env(g)
     if g.num_gpus == 0:
-        # As the job's CPU engines: whole-prompt prefill (seeded sampling crashes on split prompts).
-        engine |= {"kv_cache_memory_bytes": int(g.kv_cache_gib * 2**30), "enable_chunked_prefill": False}
-        engine["max_num_batched_tokens"] = max(max_model_len, 4096)
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # Serve LLM runs vLLM's async engine in its own process
         bundles = [{"CPU": g.num_cpus}]
     else:
-        engine |= {"gpu_memory_utilization": g.gpu_memory_utilization, "tensor_parallel_size": g.tensor_parallel_size}
         bundles = [{"GPU": g.num_gpus, "CPU": 1}] * g.tensor_parallel_size
     if g.resource:
         bundles[0] = bundles[0] | {g.resource: 1}

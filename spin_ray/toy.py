@@ -25,6 +25,7 @@ At 3x that lr SPIN oscillates between iterations and can end below p_0; at 10x i
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -312,6 +313,13 @@ def _world(root: Path) -> ToyWorld:
         train_path=root / "data" / "train.jsonl",
         eval_path=root / "data" / "eval.jsonl",
     )
+
+
+def toy_world(seed: int = 0) -> ToyWorld:
+    """The toy world of `seed` in the cache (`SPIN_RAY_CACHE`, default ~/.cache/spin-ray), built
+    on first use."""
+    cache = Path(os.environ.get("SPIN_RAY_CACHE", Path.home() / ".cache" / "spin-ray"))
+    return build_toy_world(cache / f"toy-seed{seed}", seed=seed)
 
 
 def build_toy_world(root: str | Path, seed: int = 0, *, force: bool = False) -> ToyWorld:

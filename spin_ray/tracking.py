@@ -60,8 +60,17 @@ def _run_id(output_dir: Path) -> str:
     return id_file.read_text().strip()
 
 
-def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(output_dir: str | Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """The lines of `metrics.jsonl`; one the job died while writing is left out (and noted in
+    `problems`), so a crashed run still resumes, reports and compares."""
+    lines = []
+    for n, line in enumerate((Path(output_dir) / "metrics.jsonl").read_text().splitlines(), 1):
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            if problems is not None:
+                problems.append(f"metrics.jsonl line {n} is not JSON; left out")
+    return lines
 
 
 def record_event(output_dir: str | Path, kind: str, **fields: Any) -> None:

@@ -467,8 +467,9 @@ class Feeder:
             steps = [self._made.get()]
             while len(steps) < self.MAX_STEPS and not self._made.empty():
                 steps.append(self._made.get())
-            end = steps[-1] is None
-            steps = [s for s in steps if s is not None]
+            end = steps[-1] is None  # the stream's end mark, only ever last
+            if end:
+                steps.pop()
             if self.error is not None:
                 self.channel.end_feed.remote(self.generation)  # the ranks stop waiting and report
                 return
@@ -517,10 +518,6 @@ class Trainer:
     def ready_at(self) -> float:
         """When the last rank was up (epoch seconds), for the start-up breakdown."""
         return ray.get(self.channel.ready_at.remote())
-
-    @property
-    def weight_specs(self) -> list[Spec]:
-        return self.wait_ready()
 
     def _torch_trainer(self, attempt: int) -> Any:
         from ray.train import FailureConfig, RunConfig, ScalingConfig

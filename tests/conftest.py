@@ -13,10 +13,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def toy():
-    from spin_ray.toy import build_toy_world
+    from spin_ray.toy import toy_world
 
-    cache = os.environ.get("SPIN_RAY_CACHE", os.path.expanduser("~/.cache/spin-ray"))
-    return build_toy_world(os.path.join(cache, "toy-seed0"), seed=0)
+    return toy_world(0)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from spin_ray.config import load_config
 from spin_ray.data import pad_pairs
 from spin_ray.health import Engines
 from spin_ray.loss import sequence_logps
+from spin_ray.testbed import free_port  # noqa: F401 - the tests take it from here
 from spin_ray.training import Trainer
 
 
@@ -73,14 +74,6 @@ def run_notebook(run_dir: Path):
 
 
 LIVE_QUESTION = "12+34="
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def poll_live(url: str, stop, out: Path) -> None:

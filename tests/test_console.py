@@ -16,8 +16,7 @@ def events(progress: Progress, times: list[float]) -> list[dict]:
     return got
 
 
-def test_plain_lines_report_count_rate_and_eta(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("spin_ray.console.PLAIN_EVERY_S", 30.0)
+def test_plain_lines_report_count_rate_and_eta(tmp_path, capsys):  # PLAIN_EVERY_S is 30 s
     progress = Progress(iterations=3)
     with progress.phase(1, "generate", 500, "prompts") as advance:
         advance(100)  # t=10: before the first periodic line is due

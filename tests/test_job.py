@@ -15,6 +15,8 @@ from helpers import N_PROMPTS, free_port, run_notebook
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_records import history
 
+from spin_ray.comparison import load
+from spin_ray.report import load_run
 from spin_ray.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +95,15 @@ def test_metrics_jsonl_and_wandb(run):
     for key in METRICS:
         assert any(key in r for r in logged), key
     assert [r["iteration"] for r in logged if "global_step" in r] == [1, 2, 3]  # one run across the resume
+
+
+def test_compare_and_report_read_the_real_run(run):
+    """The readers of metrics.jsonl agree with what the job really writes: an iteration row per
+    iteration (0 = the start model), with the held-out metrics."""
+    out, _, _ = run
+    result = load(out)
+    assert sorted(result.rows) == [0, 1, 2, 3] and all("eval/accuracy" in row for row in result.rows.values())
+    assert list(load_run(out).iterations["iteration"]) == [0, 1, 2, 3]
 
 
 def test_resume_with_changed_settings_is_refused_before_ray(run, toy):
