@@ -185,6 +185,7 @@ def _generate(model: str, pairs: str, t: int) -> None:
 
     cfg = _official_config(Path(pairs).parent.parent)
     p = prepare(cfg)
+    train = pq.read_table(p.train.path).to_pylist()
     g = cfg.generation
     llm = LLM(
         model=model,
@@ -198,19 +199,22 @@ def _generate(model: str, pairs: str, t: int) -> None:
     )
     params = [
         SamplingParams(
-            temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=sample_seed(cfg.run.seed, t, e.uid)
+            temperature=g.temperature,
+            top_p=g.top_p,
+            max_tokens=g.max_tokens,
+            seed=sample_seed(cfg.run.seed, t, e["uid"]),
         )
-        for e in p.train
+        for e in train
     ]
-    outs = llm.generate([TokensPrompt(prompt_token_ids=e.prompt_ids) for e in p.train], params, use_tqdm=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=e["prompt_ids"]) for e in train], params, use_tqdm=False)
     rows = [
         {
-            "uid": e.uid,
-            "prompt_ids": e.prompt_ids,
-            "real_ids": e.real_ids,
+            "uid": e["uid"],
+            "prompt_ids": e["prompt_ids"],
+            "real_ids": e["real_ids"],
             "generated_ids": list(o.outputs[0].token_ids),
         }
-        for e, o in zip(p.train, outs, strict=True)
+        for e, o in zip(train, outs, strict=True)
     ]
     pq.write_table(pa.Table.from_pylist(rows), pairs)
 

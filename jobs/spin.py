@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from spin_ray.config import Config
 
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # before pyarrow loads: see STREAMING_ENV
 LAUNCHED = time.time()  # before the heavy imports (in main): the start-up breakdown counts them
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides + ["run.verbose=true"] * args.verbose)
         cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
-        prepared = prepare(cfg)
+        prepared = prepare(cfg, dry_run=args.dry_run)
     except (ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

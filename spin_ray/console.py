@@ -217,7 +217,7 @@ def header(cfg: Config, prepared: Any) -> str:
     ray_at = ray_address(cfg) or "a local Ray started by this job"
     rows = {
         "model": f"{prepared.model_path} ({cfg.model.dtype})",
-        "data": f"{len(prepared.train)} training prompts, {len(prepared.eval)} held-out",
+        "data": f"{prepared.train.records} training prompts, {len(prepared.eval)} held-out",
         "spin": f"{cfg.spin.iterations} iterations, beta {cfg.spin.beta}, reference p_(t-1): {reference}",
         "engines": f"{g.num_engines} x vLLM, {device} each{where}",
         "training": f"{t.num_workers} x Ray Train worker, {'1 GPU' if t.use_gpu else f'{t.num_cpus:g} CPU'} each"

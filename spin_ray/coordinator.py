@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import resource
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +27,23 @@ import ray
 
 from spin_ray.config import Config
 from spin_ray.console import Console, Progress, iteration_line, name_log
-from spin_ray.data import Example, load_sft
+from spin_ray.data import Example, TrainingSet, load_sft, read_sft, write_permuted, write_training_set
 from spin_ray.evaluation import answer_metrics, load_hooks, run_hooks
 from spin_ray.generation import sample_seed, through_engines, warm_up
 from spin_ray.health import Engines
 from spin_ray.pairs import REFERENCE, Generation, PairStream, pair_stream, scored_rows
 from spin_ray.report import write_report
-from spin_ray.resume import check_unchanged, fingerprint, record, resume_point
+from spin_ray.resume import check_unchanged, record, resume_point, sorted_uids
 from spin_ray.serving import key_digest, live_endpoint
 from spin_ray.tracking import Tracker
 from spin_ray.training import Trainer, on_this_node
+
+# The coordinator streams the whole data set through small batches on several threads. Arrow's
+# default allocator (mimalloc) keeps the pages of freed buffers, and glibc gives each thread an
+# arena of its own that it rarely trims: its memory then grew with the data (+29 MB from 5,000 to
+# 50,000 toy prompts). glibc's malloc for Arrow and one arena: +9 MB from 500 to 50,000. The driver
+# needs only the first (jobs/spin.py sets it before pyarrow loads).
+STREAMING_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "1"}
 
 # vLLM's CPU attention kernels reject other head sizes, and only after ~40 s of start-up.
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 256)
@@ -45,15 +54,15 @@ class Prepared:
     """What a run needs, checked in the driver before Ray, engines or trainers start."""
 
     model_path: str
-    train: list[Example]
-    eval: list[Example]
+    train: TrainingSet  # on disk, under run.output_dir/data
+    eval: list[Example]  # held out: small, and read every iteration
     toy: bool
     max_model_len: int
-    fingerprint: str  # of the training data, to refuse resuming a run made on other data
     serve_key_digest: str | None = None  # serve.live's bearer key, hashed: the key stays in the driver
 
 
-def prepare(cfg: Config) -> Prepared:
+def prepare(cfg: Config, dry_run: bool = False) -> Prepared:
+    """A dry run checks and counts the training data without writing it anywhere."""
     from transformers import AutoConfig, AutoTokenizer
 
     load_hooks(cfg.eval.hooks)  # a typo in a hook's name fails now, not after the first iteration
@@ -79,11 +88,6 @@ def prepare(cfg: Config) -> Prepared:
             f"model.path={model_path!r}: head_dim {head_dim} is not supported by vLLM on CPU {CPU_HEAD_DIMS}"
         )
     d = cfg.data
-    load = dict(
-        max_prompt_tokens=d.max_prompt_tokens, max_response_tokens=d.max_response_tokens, long_prompts=d.long_prompts
-    )
-    train = load_sft(train_path, tokenizer, dedupe=d.dedupe, max_examples=d.max_examples, **load)
-    evaluation = load_sft(eval_path, tokenizer, **load) if eval_path else []
     longest = max(d.max_response_tokens, cfg.generation.max_tokens)
     max_model_len = cfg.generation.max_model_len or d.max_prompt_tokens + longest + 1
     if max_model_len > getattr(model_config, "max_position_embeddings", max_model_len):
@@ -91,10 +95,36 @@ def prepare(cfg: Config) -> Prepared:
             f"data.max_prompt_tokens + max(data.max_response_tokens, generation.max_tokens) = {max_model_len - 1} "
             f"exceeds the model's max_position_embeddings ({model_config.max_position_embeddings}): lower them"
         )
-    data_fingerprint = fingerprint(train)
-    check_unchanged(cfg, data_fingerprint)
+    load = dict(
+        max_prompt_tokens=d.max_prompt_tokens, max_response_tokens=d.max_response_tokens, long_prompts=d.long_prompts
+    )
+    evaluation = load_sft(eval_path, tokenizer, **load) if eval_path else []
+    train = _training_set(cfg, read_sft(train_path, tokenizer, dedupe=d.dedupe, **load), dry_run)
     digest = key_digest(os.environ.get(cfg.serve.api_key_env))
-    return Prepared(model_path, train, evaluation, toy, max_model_len, data_fingerprint, digest)
+    return Prepared(model_path, train, evaluation, toy, max_model_len, digest)
+
+
+def _training_set(cfg: Config, examples: Iterator[Example], dry_run: bool) -> TrainingSet:
+    """Writes the training set to run.output_dir/data/train.parquet (a dry run only counts it).
+    Bad data, or data other than a stored run's, leaves nothing behind: the file is written
+    beside the stored one and replaces it only once everything checks out."""
+    out = Path(cfg.run.output_dir)
+    fresh = not out.exists()
+    tmp = None if dry_run else out / "data" / "train.parquet.tmp"
+    try:
+        if tmp:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        train = write_training_set(examples, tmp, cfg.data.max_examples)
+        check_unchanged(cfg, train.fingerprint)
+    except BaseException:
+        if tmp:
+            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a data dir of our own making, now empty
+                tmp.parent.rmdir()
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return replace(train, path=tmp.replace(tmp.with_suffix(""))) if tmp else train
 
 
 def _rows(examples: list[Example], seed: int, iteration: int) -> pa.Table:
@@ -134,13 +164,13 @@ class Coordinator:
         self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
         self.generating = threading.Event()  # the first iteration's first pairs are made (or none are needed)
         name_log("coordinator")
-        record(cfg, prepared.fingerprint)
+        record(cfg, prepared.train.fingerprint)
         (self.out / "summary.json").unlink(missing_ok=True)  # a resumed run is not finished until it ends
 
     def run(self) -> dict[str, Any]:
         """SPIN (Chen et al. 2024, Algorithm 1): iteration t trains p_t against p_{t-1}."""
         cfg = self.cfg
-        uids = {e.uid for e in self.p.train}
+        uids = sorted_uids(self.p.train.path)
         start, model_path, step = astuple(resume_point(cfg, self.p.model_path, uids, self.progress.say))
         self.tracker = Tracker(cfg, self.out, resume_from=start)
         engines, trainer = Engines(cfg, model_path, self.p.max_model_len), None  # engines load meanwhile
@@ -225,9 +255,8 @@ class Coordinator:
                 self.progress.say(f"[{t}/{self.cfg.spin.iterations}] generate: reusing {pairs_dir}")
             self.generating.set()
             return None
-        rows = _rows(self.p.train, self.cfg.run.seed, t)
-        rows = rows.take(np.random.default_rng(self.cfg.run.seed + t).permutation(rows.num_rows))  # pairs.py, 1.
-        new = Generation(self._phase(t, "generate", rows, engines), pairs_dir.with_name("pairs.tmp"), rows.num_rows)
+        answers = self._answers(t, engines, pairs_dir.with_name("prompts.tmp"))
+        new = Generation(answers, pairs_dir.with_name("pairs.tmp"), self.p.train.records)
         new.on_first_part = lambda: (self.marks.setdefault("first_pair", time.time()), self.generating.set())
         if not self.cfg.spin.stream:
             self.stored(t, new)
@@ -241,7 +270,20 @@ class Coordinator:
         gen = new.wait()
         if new.tmp.exists():  # not renamed by the sequential mode's call
             new.tmp.rename(new.tmp.with_name("pairs"))
+        shutil.rmtree(new.tmp.with_name("prompts.tmp"), ignore_errors=True)
         return gen
+
+    def _prompts(self, t: int, dest: Path) -> list[Path]:
+        """Iteration t's prompts in a seeded permutation (pairs.py, 1.), with their sampling seeds,
+        as files of one generation batch each."""
+        seed = self.cfg.run.seed
+
+        def with_seeds(table: pa.Table) -> pa.Table:
+            seeds = [sample_seed(seed, t, uid) for uid in table["uid"].to_pylist()]
+            return table.append_column("seed", pa.array(seeds, pa.int64()))
+
+        order = np.random.default_rng(seed + t).permutation(self.p.train.records)
+        return write_permuted(self.p.train.path, order, dest, self.cfg.generation.batch_size, with_seeds)
 
     def training_set(self, t: int, new: Generation | None, engines: Engines) -> ray.data.Dataset | PairStream:
         """The pairs p_t trains on: iteration t's and spin.mix_previous earlier iterations'.
@@ -269,7 +311,7 @@ class Coordinator:
         iterations = range(max(1, t - self.cfg.spin.mix_previous), t + 1)
         if self.cfg.spin.objective == "sft":
             columns = ["uid", "prompt_ids", "real_ids"]
-            tables = [_rows(self.p.train, self.cfg.run.seed, i).select(columns) for i in iterations]
+            tables = [pq.read_table(self.p.train.path, columns=columns) for _ in iterations]
         else:
             columns = ["uid", "prompt_ids", "real_ids", "generated_ids"]
             tables = [pq.read_table(self.out / f"iter_{i}" / "pairs", columns=columns) for i in iterations]
@@ -323,17 +365,23 @@ class Coordinator:
                 metrics["eval/accuracy"] = toy_accuracy([e.prompt_messages for e in examples], answers)
             return metrics | run_hooks(self.hooks, model_dir, t, self.progress.say)
 
-    def _phase(self, t: int, name: str, table: pa.Table, engines: Engines) -> Iterator[pa.Table]:
-        """`table` through the engines as a phase of its own (it starts when first read)."""
-        with self.progress.phase(t, name, table.num_rows, "prompts") as advance:
-            yield from self._stream(table, engines, advance)
+    def _answers(self, t: int, engines: Engines, prompts_dir: Path) -> Iterator[pa.Table]:
+        """Iteration t's prompts through the engines, as a phase of its own: it starts (on the
+        Generation's thread) when first read."""
+        with self.progress.phase(t, "generate", self.p.train.records, "prompts") as advance:
+            yield from self._stream(self._prompts(t, prompts_dir), engines, advance)
 
     def _stream(
-        self, table: pa.Table, engines: Engines, advance: Callable[[int], None], method: str = "generate", **kw: Any
+        self,
+        rows: pa.Table | list[Path],
+        engines: Engines,
+        advance: Callable[[int], None],
+        method: str = "generate",
+        **kw: Any,
     ) -> Iterator[pa.Table]:
-        """`table`'s rows through the engines' `method`, batch by batch as they finish."""
+        """`rows` through the engines' `method`, batch by batch as they finish."""
         done = 0
-        stream = through_engines(table, engines.pool, self.cfg.generation, method, **kw)
+        stream = through_engines(rows, engines.pool, self.cfg.generation, method, **kw)
         for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
             done += batch.num_rows
             advance(done)
@@ -397,6 +445,7 @@ def run_job(
     so it needs no GPU node to exist; draws its progress and returns its summary."""
     console = console or Console(Path(cfg.run.output_dir), tty=False)
     # Two threads: `run` works while the driver's console polls `progress_since`.
-    actor = ray.remote(num_cpus=0, max_concurrency=2, scheduling_strategy=on_this_node())(Coordinator)
+    options = dict(scheduling_strategy=on_this_node(), runtime_env={"env_vars": STREAMING_ENV})
+    actor = ray.remote(num_cpus=0, max_concurrency=2, **options)(Coordinator)
     coordinator = actor.remote(cfg, prepared, marks)
     return console.follow(coordinator.run.remote(), coordinator.progress_since.remote)

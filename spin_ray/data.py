@@ -3,18 +3,27 @@
 A record is `{"messages": [{"role", "content"}, ...], "id"?: str|int}`. The prompt x is every
 message before the last; the real response y is the last, an assistant turn. Token ids are made
 here once and travel with the pairs, so engines and trainer score exactly the same tokens.
+
+The training set is streamed: read, checked and written as a tokenized parquet file record by
+record (`write_training_set`), then read back in batches; what stays in memory per record is a
+few 64-bit digests for the duplicate checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -34,37 +43,35 @@ class Example:
     real_ids: list[int]
 
 
-def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yields (location, record); a record that can't be parsed comes as a DataError instance."""
+def _read_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
+    """Yields (line or row number, record); a record that can't be parsed comes as a DataError
+    instance, and one about the whole file has no number."""
     if path.is_dir():
         import datasets  # only here: importing it costs ~1 s and most runs read JSONL
 
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:  # noqa: BLE001 - any failure here means "not a saved dataset"
-            yield f"{path}", DataError(f"not a `datasets` directory saved with save_to_disk ({e})")
+            yield None, DataError(f"not a `datasets` directory saved with save_to_disk ({e})")
             return
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
-                yield f"{path}", DataError(f"DatasetDict has no 'train' split (has {list(ds)})")
+                yield None, DataError(f"DatasetDict has no 'train' split (has {list(ds)})")
                 return
             ds = ds["train"]
-        for i, row in enumerate(ds):
-            yield f"{path}:row {i}", row
+        yield from enumerate(ds)
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:row {i}", row
+        batches = pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP)
+        yield from enumerate(row for batch in batches for row in batch.to_pylist())
     else:
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
-                    yield f"{path}:{lineno}", json.loads(line)
+                    yield lineno, json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield f"{path}:{lineno}", DataError(f"invalid JSON ({e.msg} at column {e.colno})")
+                    yield lineno, DataError(f"invalid JSON ({e.msg} at column {e.colno})")
 
 
 def _check_messages(record: Any) -> list[str]:
@@ -103,17 +110,32 @@ def _content_hash(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def summarize(examples: list[Example]) -> dict[str, int]:
-    """What a data set holds: repeated prompts are how p_data(y|x) shows several answers per x,
-    and exact duplicate records are counted, not rejected."""
-    prompts = Counter(tuple(e.prompt_ids) for e in examples)
-    records = Counter((tuple(e.prompt_ids), e.real) for e in examples)
-    return {
-        "records": len(examples),
-        "distinct_prompts": len(prompts),
-        "records_with_repeated_prompt": sum(n for n in prompts.values() if n > 1),
-        "duplicate_records": sum(n - 1 for n in records.values()),
-    }
+def _digest(value: Any) -> int:
+    """64 bits of a value's hash: what the checks below keep per record instead of the record."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little", signed=True)
+
+
+class Census:
+    """What a data set holds, counted as it streams by from two digests per record: repeated
+    prompts are how p_data(y|x) shows several answers per x, and exact duplicate records are
+    counted, not rejected."""
+
+    def __init__(self) -> None:
+        self.prompts, self.records = array("q"), array("q")
+
+    def add(self, e: Example) -> None:
+        self.prompts.append(_digest(e.prompt_ids))
+        self.records.append(_digest((e.prompt_ids, e.real)))
+
+    def summary(self) -> dict[str, int]:
+        _, counts = np.unique(np.frombuffer(self.prompts, dtype=np.int64), return_counts=True)
+        distinct_records = len(np.unique(np.frombuffer(self.records, dtype=np.int64)))
+        return {
+            "records": len(self.records),
+            "distinct_prompts": len(counts),
+            "records_with_repeated_prompt": int(counts[counts > 1].sum()),
+            "duplicate_records": len(self.records) - distinct_records,
+        }
 
 
 def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
@@ -129,7 +151,7 @@ def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], l
     return prompt_ids, response + [tokenizer.eos_token_id]
 
 
-def load_sft(
+def read_sft(
     path: str | Path,
     tokenizer: Any,
     *,
@@ -137,61 +159,72 @@ def load_sft(
     max_response_tokens: int,
     long_prompts: str = "error",
     dedupe: str = "none",
-    max_examples: int | None = None,
-) -> list[Example]:
-    """Reads and validates a whole file; raises DataError listing every bad record.
+) -> Iterator[Example]:
+    """Validates and tokenizes a file record by record, yielding the usable examples; at the end
+    raises DataError listing every bad record, so a caller keeps nothing it wrote before then.
 
     Records without an `id` get `<content hash>-<occurrence>`: unique per record, equal across
     loads of the same file, so equal records stay separate examples with their own sampling seeds.
-    `dedupe="records"` keeps only the first of exactly equal records; `max_examples` applies last.
+    `dedupe="records"` yields only the first of exactly equal records.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
-    examples: list[Example] = []
+    table = path.is_dir() or path.suffix == ".parquet"
+
+    def where(n: int | None) -> str:
+        """`file:line` in JSONL, `file:row i` in a table, the file alone for the whole file."""
+        return str(path) if n is None else f"{path}:row {n}" if table else f"{path}:{n}"
+
     problems: list[str] = []
-    seen: dict[str, str] = {}
-    occurrences: Counter[str] = Counter()
+    first_at: dict[int, int | None] = {}  # uid digest -> where that uid was first
+    occurrences: Counter[int] = Counter()  # content digest -> records so far (records without an id)
+    kept: set[int] = set()  # record digests, for dedupe=records
+    census = Census()
     skipped = 0
     rows = 0
-    for where, record in _read_rows(path):
+    for n, record in _read_rows(path):
         rows += 1
         if isinstance(record, DataError):
-            problems.append(f"{where}: {record}")
+            problems.append(f"{where(n)}: {record}")
             continue
         bad = _check_messages(record)
         if bad:
-            problems.extend(f"{where}: {b}" for b in bad)
+            problems.extend(f"{where(n)}: {b}" for b in bad)
             continue
         uid = _given_id(record)
         if uid is None:
             content = _content_hash(record["messages"])
-            uid = f"{content}-{occurrences[content]}"
-            occurrences[content] += 1
-        if uid in seen:
-            problems.append(f"{where}: field `id` {uid!r} duplicates {seen[uid]}")
+            uid = f"{content}-{occurrences[int(content, 16)]}"
+            occurrences[int(content, 16)] += 1
+        if (key := _digest(uid)) in first_at:
+            problems.append(f"{where(n)}: field `id` {uid!r} duplicates {where(first_at[key])}")
             continue
-        seen[uid] = where
+        first_at[key] = n
         prompt_ids, real_ids = encode(tokenizer, record["messages"])
         if len(prompt_ids) > max_prompt_tokens:
             if long_prompts == "skip":
                 skipped += 1
                 continue
             problems.append(
-                f"{where}: prompt (`messages[:-1]`) is {len(prompt_ids)} tokens, over "
+                f"{where(n)}: prompt (`messages[:-1]`) is {len(prompt_ids)} tokens, over "
                 f"data.max_prompt_tokens={max_prompt_tokens} (or set data.long_prompts=skip)"
             )
             continue
-        examples.append(
-            Example(
-                uid=uid,
-                prompt_messages=record["messages"][:-1],
-                prompt=tokenizer.decode(prompt_ids),
-                real=record["messages"][-1]["content"],
-                prompt_ids=prompt_ids,
-                real_ids=real_ids[:max_response_tokens],
-            )
+        example = Example(
+            uid=uid,
+            prompt_messages=record["messages"][:-1],
+            prompt=tokenizer.decode(prompt_ids),
+            real=record["messages"][-1]["content"],
+            prompt_ids=prompt_ids,
+            real_ids=real_ids[:max_response_tokens],
         )
+        census.add(example)
+        if dedupe == "records":
+            if census.records[-1] in kept:
+                continue
+            kept.add(census.records[-1])
+        yield example
     if rows == 0:
         problems.append(f"{path}: file is empty")
     if problems:
@@ -200,17 +233,101 @@ def load_sft(
         raise DataError(f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(shown) + more)
     if skipped:
         print(f"[data] {path}: skipped {skipped} of {rows} records with prompts over {max_prompt_tokens} tokens")
-    if not examples:
+    if not census.records:
         raise DataError(f"{path}: no usable records left (skipped {skipped} over-long prompts)")
-    summary = summarize(examples)
+    summary = census.summary()
     print(f"[data] {path}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.items()))
     if dedupe == "records":
-        kept: dict[tuple, Example] = {}
-        for e in examples:
-            kept.setdefault((tuple(e.prompt_ids), e.real), e)
-        examples = list(kept.values())
         print(f"[data] {path}: data.dedupe=records dropped {summary['duplicate_records']} duplicate records")
-    return examples[:max_examples] if max_examples else examples
+
+
+def load_sft(path: str | Path, tokenizer: Any, **kwargs: Any) -> list[Example]:
+    """A whole (held-out) file in memory; read_sft's arguments."""
+    return list(read_sft(path, tokenizer, **kwargs))
+
+
+TRAIN_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("prompt", pa.string()),
+        ("real", pa.string()),
+        ("prompt_ids", pa.list_(pa.int64())),
+        ("real_ids", pa.list_(pa.int64())),
+    ]
+)
+ROW_GROUP = 4096  # examples per write, and rows a reader of the file holds at a time
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """The tokenized training examples, in a parquet file (TRAIN_SCHEMA) that every process reads
+    in batches: none holds the whole set. The token counts are for the dry run's plan."""
+
+    path: Path | None  # None: counted, not written (a dry run)
+    records: int
+    fingerprint: str  # of the token ids: to refuse resuming a run made on other data
+    prompt_tokens: int
+    real_lengths: dict[int, int]  # real response length -> records
+
+
+def write_training_set(examples: Iterator[Example], dest: Path | None, max_examples: int | None) -> TrainingSet:
+    """Writes the first `max_examples` examples to `dest` as they come; the rest are still read
+    (and so validated)."""
+    h = hashlib.sha256()
+    lengths: Counter[int] = Counter()
+    records = prompt_tokens = 0
+    buffer: list[dict[str, Any]] = []
+    with pq.ParquetWriter(dest, TRAIN_SCHEMA) if dest else contextlib.nullcontext() as writer:
+        for e in examples:
+            if records == max_examples:
+                continue
+            records += 1
+            h.update(json.dumps([e.uid, e.prompt_ids, e.real_ids]).encode())
+            prompt_tokens += len(e.prompt_ids)
+            lengths[len(e.real_ids)] += 1
+            buffer.append({k: getattr(e, k) for k in TRAIN_SCHEMA.names})
+            if writer and len(buffer) == ROW_GROUP:
+                writer.write_table(pa.Table.from_pylist(buffer, TRAIN_SCHEMA))
+                buffer.clear()
+        if writer and buffer:
+            writer.write_table(pa.Table.from_pylist(buffer, TRAIN_SCHEMA))
+    return TrainingSet(dest, records, h.hexdigest()[:16], prompt_tokens, dict(lengths))
+
+
+def write_permuted(
+    src: Path, order: np.ndarray, dest: Path, part_rows: int, add: Callable[[pa.Table], pa.Table]
+) -> list[Path]:
+    """`src`'s rows reordered (row j out is row order[j] in), plus the columns `add` makes, as
+    dest/part-<k>.parquet files of `part_rows` rows. An external shuffle holding about ROW_GROUP
+    rows at a time: each row goes to the bucket file of its output range, then each bucket is
+    sorted and cut into parts."""
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    per_bucket = part_rows * max(1, ROW_GROUP // part_rows)
+    dest.mkdir(parents=True, exist_ok=True)
+    buckets: dict[int, pa.ipc.RecordBatchFileWriter] = {}  # Arrow IPC: cheap to append small pieces to
+    start = 0
+    for batch in pq.ParquetFile(src).iter_batches(batch_size=ROW_GROUP):
+        at = position[start : start + batch.num_rows]
+        start += batch.num_rows
+        table = add(pa.Table.from_batches([batch])).append_column("position", pa.array(at))
+        bucket = at // per_bucket
+        for b in np.unique(bucket):
+            piece = table.filter(pa.array(bucket == b))
+            if b not in buckets:
+                buckets[b] = pa.ipc.new_file(dest / f"bucket-{b}.arrow", piece.schema)
+            buckets[b].write_table(piece)
+    parts = []
+    for b in sorted(buckets):
+        buckets[b].close()
+        path = dest / f"bucket-{b}.arrow"
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all().sort_by("position").drop_columns(["position"])
+        path.unlink()
+        for i in range(0, table.num_rows, part_rows):
+            parts.append(dest / f"part-{len(parts):06d}.parquet")
+            pq.write_table(table.slice(i, part_rows), parts[-1])
+    return parts
 
 
 def pad_pairs(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from spin_ray.config import GenerationConfig
@@ -193,9 +195,8 @@ def launch_engine(model_path: str, dtype: str, cfg: GenerationConfig, max_model_
 
 
 def run_batch(batch: pa.Table, pool: Any, method: str, kwargs: dict) -> pa.Table:
-    """One batch on the pool's least-loaded engine (also `through_engines`' Ray Data task UDF);
-    if that engine is lost meanwhile, the pool replaces it and the same rows (same seeds) run
-    again elsewhere."""
+    """One batch on the pool's least-loaded engine; if that engine is lost meanwhile, the pool
+    replaces it and the same rows (same seeds) run again elsewhere."""
     rows = batch.to_pydict()
     while True:
         i, actor_id, engine = ray.get(pool.acquire.remote())
@@ -212,6 +213,13 @@ def run_batch(batch: pa.Table, pool: Any, method: str, kwargs: dict) -> pa.Table
     return batch
 
 
+def _run_block(block: pa.Table, pool: Any, method: str, kwargs: dict) -> pa.Table:
+    """through_engines' Ray Data task: a block is a batch, or the path of a file holding one."""
+    if block.column_names == ["path"]:
+        block = pq.read_table(block["path"][0].as_py())
+    return run_batch(block, pool, method, kwargs)
+
+
 def _unchanged(batch: pa.Table) -> pa.Table:
     return batch
 
@@ -225,9 +233,10 @@ def warm_up(cfg: GenerationConfig) -> None:
 
 
 def through_engines(
-    table: pa.Table, pool: Any, cfg: GenerationConfig, method: str = "generate", **kwargs: Any
+    rows: pa.Table | list[Path], pool: Any, cfg: GenerationConfig, method: str = "generate", **kwargs: Any
 ) -> ray.data.Dataset:
-    """A lazy Dataset of `table`'s rows plus the columns the engines' `method` adds (generate,
+    """A lazy Dataset of `rows` (a table, or parquet files of one batch each, read by Ray Data's
+    tasks: the caller never holds them) plus the columns the engines' `method` adds (generate,
     score_batch): exactly one row out per row in, whatever the order or the engines lost.
 
     Batches are fixed by row position and come out in that order (so results do not depend on
@@ -235,14 +244,17 @@ def through_engines(
     each to the least-loaded engine.
     """
     # One block of exactly one batch per task: with a single block every batch would go through
-    # one task in turn (the engines would take turns), and with smaller blocks Ray Data bundles
-    # two into a task, which then hands on its rows only when both batches are done.
+    # one task in turn (the engines would take turns), and Ray Data's own parquet reader makes a
+    # single block of many small files.
     size = cfg.batch_size
-    ds = ray.data.from_arrow([table.slice(i, size) for i in range(0, max(table.num_rows, 1), size)])
-    ds = ds.map_batches(
-        run_batch,
+    if isinstance(rows, pa.Table):
+        blocks = [rows.slice(i, size) for i in range(0, max(rows.num_rows, 1), size)]
+    else:
+        blocks = [pa.table({"path": [str(path)]}) for path in rows]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        _run_block,
         fn_kwargs={"pool": pool, "method": method, "kwargs": kwargs},
-        batch_size=cfg.batch_size,
+        batch_size=None,  # a block is a batch
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=cfg.num_engines * cfg.max_in_flight),
         num_cpus=0.01,  # the task only waits on an engine: don't let it hold a core

@@ -116,7 +116,9 @@ class EnginePool:
             return  # already being replaced
         self.slots[i] = None
         ray.kill(slot.handle, no_restart=True)  # a frozen process must not come back half-updated
-        if len(self.events) >= self.cfg.max_restarts:
+        if self.fatal:  # shut down, or already failed: nothing to replace it for
+            pass
+        elif len(self.events) >= self.cfg.max_restarts:
             self.fatal = (
                 f"engine {i} (pid {slot.info.get('pid')}, node {slot.info.get('node', '?')[:12]}) was lost: {cause}; "
                 f"generation.max_restarts={self.cfg.max_restarts} replacements are used up. Check the engine's log "
@@ -205,6 +207,10 @@ class EnginePool:
         }
 
     async def shutdown(self) -> None:
+        # A live request that meets an engine being stopped must not start a replacement.
+        self.fatal = "the engines were shut down: the job is ending"
+        async with self.changed:
+            self.changed.notify_all()  # waiters for an engine get that error
         if self.watcher:
             self.watcher.cancel()
         live = [s.handle for s in self.slots if s is not None]

@@ -415,11 +415,12 @@ def plan(cfg: Config, prepared: Prepared, cluster: Cluster) -> tuple[list[str], 
 
 def _workload(cfg: Config, prepared: Prepared, shape: Shape) -> list[str]:
     g, t = cfg.generation, cfg.train
-    prompts = len(prepared.train)
-    prompt_len = sum(len(e.prompt_ids) for e in prepared.train) / prompts
-    real_len = sum(len(e.real_ids) for e in prepared.train) / prompts
+    data = prepared.train
+    prompts = data.records
+    prompt_len = data.prompt_tokens / prompts
+    real_len = sum(n * count for n, count in data.real_lengths.items()) / prompts
     # y' is estimated as long as y, within generation.max_tokens.
-    generated_len = sum(min(len(e.real_ids), g.max_tokens) for e in prepared.train) / prompts
+    generated_len = sum(min(n, g.max_tokens) * count for n, count in data.real_lengths.items()) / prompts
     row_len = prompt_len + real_len + (prompt_len + generated_len if _sides(cfg) == 2 else 0)
     lines = [
         f"model        {shape.architecture}, {shape.params:,} parameters ({_count(shape.params)}), largest layer "

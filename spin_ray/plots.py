@@ -102,15 +102,16 @@ def pair_lengths_figure(lengths: dict[int, pd.DataFrame]) -> Figure | None:
     """Histograms of real vs generated response lengths in tokens, one panel per iteration, same bins."""
     if not lengths:
         return None
-    both = pd.concat(lengths.values())[["real_tokens", "generated_tokens"]]
-    lo, hi = int(both.min().min()), int(both.max().max())
+    both = sum(df["real"].add(df["generated"], fill_value=0) for df in lengths.values())
+    used = both.index[both > 0]
+    lo, hi = int(used.min()), int(used.max())
     # Whole-token bins while they stay readable; short toy answers would alias with fractional bins.
     bins = np.arange(lo, hi + 2) - 0.5 if hi - lo <= 60 else np.linspace(lo, hi, 41)
     fig, axes = _grid(len(lengths))
     for ax, (t, df) in zip(axes, sorted(lengths.items()), strict=True):
-        ax.hist(df["generated_tokens"], bins=bins, alpha=0.6, color="C1", label="generated y'")
-        ax.hist(df["real_tokens"], bins=bins, histtype="step", color="k", label="real y")
-        ax.set_title(f"iteration {t}: {len(df)} pairs")
+        ax.hist(df.index, bins=bins, weights=df["generated"], alpha=0.6, color="C1", label="generated y'")
+        ax.hist(df.index, bins=bins, weights=df["real"], histtype="step", color="k", label="real y")
+        ax.set_title(f"iteration {t}: {df['real'].sum()} pairs")
         ax.set_xlabel("response tokens")
         ax.legend(fontsize="small")
     return fig

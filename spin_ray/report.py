@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,7 +58,7 @@ class Run:
     summary: dict[str, Any] | None
     steps: pd.DataFrame  # one row per logged training step
     iterations: pd.DataFrame  # the start model's row (when logged), then one row per finished iteration
-    lengths: dict[int, pd.DataFrame]  # iteration -> real_tokens, generated_tokens of each pair
+    lengths: dict[int, pd.DataFrame]  # iteration -> pairs per response length (row = tokens): real, generated
     examples: dict[int, pd.DataFrame]  # iteration -> a few pairs: uid, prompt, real, generated
     problems: list[str] = field(default_factory=list)  # files that were there but could not be read
 
@@ -250,8 +251,9 @@ def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
 def _read_pairs(
     path: Path, n_examples: int, problems: list[str]
 ) -> tuple[dict[int, pd.DataFrame], dict[int, pd.DataFrame]]:
-    """Per iteration: the token lengths of every pair, and the same few prompts' pairs in each iteration
-    (those picked in the first one, where present), so a reader can follow one answer across iterations."""
+    """Per iteration: how many pairs have each real and generated length (counted file by file, so
+    a large run is never read whole), and the same few prompts' pairs in each iteration (those
+    picked in the first one, where present), so a reader can follow one answer across iterations."""
     lengths: dict[int, pd.DataFrame] = {}
     examples: dict[int, pd.DataFrame] = {}
     picked: list[str] = []
@@ -264,19 +266,19 @@ def _read_pairs(
             if missing:
                 problems.append(f"{pairs_dir.relative_to(path)}: no column {', '.join(sorted(missing))}")
                 continue
-            table = data.to_table(columns=["uid", "real_ids", "generated_tokens"])
-            if table.num_rows == 0:
+            real, generated = np.zeros(0, np.int64), np.zeros(0, np.int64)
+            for batch in data.to_batches(columns=["real_ids", "generated_tokens"]):
+                real = _counted(real, pc.list_value_length(batch["real_ids"]).to_numpy(zero_copy_only=False))
+                generated = _counted(generated, batch["generated_tokens"].to_numpy(zero_copy_only=False))
+            if not real.sum():
                 problems.append(f"{pairs_dir.relative_to(path)}: no pairs")
                 continue
-            lengths[t] = pd.DataFrame(
-                {
-                    "real_tokens": pc.list_value_length(table["real_ids"]).to_numpy(zero_copy_only=False),
-                    "generated_tokens": table["generated_tokens"].to_numpy(zero_copy_only=False),
-                }
-            )
-            uids = sorted(table["uid"].to_pylist())
-            present = set(uids)
-            chosen = [u for u in picked if u in present] or _spread(uids, n_examples)
+            width = max(len(real), len(generated))
+            pad = {"real": real, "generated": generated}
+            lengths[t] = pd.DataFrame({k: np.pad(v, (0, width - len(v))) for k, v in pad.items()})
+            uids = data.to_table(columns=["uid"])["uid"].combine_chunks()
+            found = pc.is_in(pa.array(picked, pa.string()), value_set=uids).to_pylist()
+            chosen = [u for u, ok in zip(picked, found, strict=True) if ok] or _spread(uids, n_examples)
             picked = picked or chosen
             rows = data.to_table(columns=["uid", "prompt", "real", "generated"], filter=pc.field("uid").isin(chosen))
             examples[t] = rows.to_pandas().drop_duplicates("uid").set_index("uid").loc[chosen].reset_index()
@@ -285,14 +287,22 @@ def _read_pairs(
     return lengths, examples
 
 
+def _counted(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """`counts` (pairs per length) plus `values`' lengths."""
+    more = np.bincount(values)
+    width = max(len(counts), len(more))
+    return np.pad(counts, (0, width - len(counts))) + np.pad(more, (0, width - len(more)))
+
+
 def _iteration_number(iter_dir: Path) -> int | None:
     suffix = iter_dir.name.removeprefix("iter_")
     return int(suffix) if suffix.isdigit() else None
 
 
-def _spread(items: list[str], n: int) -> list[str]:
-    """n items spread evenly over the list, so the examples are not all the first few uids."""
-    return [items[i * len(items) // n] for i in range(min(n, len(items)))]
+def _spread(uids: pa.Array, n: int) -> list[str]:
+    """n uids spread evenly over their sorted order, so the examples are not all the first few."""
+    ordered = uids.take(pc.sort_indices(uids))
+    return [ordered[i * len(ordered) // n].as_py() for i in range(min(n, len(ordered)))]
 
 
 PAGE = """<!DOCTYPE html>

@@ -9,7 +9,6 @@ data or any setting that changes results is refused, with the keys named, unless
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -17,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
 from spin_ray.config import Config, ConfigError
-from spin_ray.data import Example
 
 # Keys that change where and how fast a run goes, never what it computes.
 OPERATIONAL = (
@@ -63,14 +63,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def fingerprint(examples: list[Example]) -> str:
-    """Hash of the token ids a run trains on: catches a data file changed in place."""
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(json.dumps([e.uid, e.prompt_ids, e.real_ids]).encode())
-    return h.hexdigest()[:16]
 
 
 def check_unchanged(cfg: Config, data_fingerprint: str) -> None:
@@ -121,13 +113,18 @@ def valid_checkpoint(model_dir: Path) -> bool:
     return True
 
 
-def valid_pairs(pairs_dir: Path, uids: set[str]) -> bool:
-    """Exactly one readable pair per training prompt."""
+def sorted_uids(path: Path) -> pa.Array:
+    """The `uid` column of a parquet file (or directory of them), sorted."""
+    uids = pq.read_table(path, columns=["uid"])["uid"].combine_chunks()
+    return uids.take(pc.sort_indices(uids))
+
+
+def valid_pairs(pairs_dir: Path, uids: pa.Array) -> bool:
+    """Exactly one readable pair per training prompt (`uids`: sorted_uids of the training set)."""
     try:
-        got = pq.read_table(pairs_dir, columns=["uid"])["uid"].to_pylist()
+        return sorted_uids(pairs_dir).equals(uids)
     except Exception:  # noqa: BLE001 - truncated or foreign files
         return False
-    return len(got) == len(uids) and set(got) == uids
 
 
 @dataclass
@@ -137,7 +134,7 @@ class ResumePoint:
     global_step: int
 
 
-def resume_point(cfg: Config, base_model: str, uids: set[str], say: Callable[[str], None] = print) -> ResumePoint:
+def resume_point(cfg: Config, base_model: str, uids: pa.Array, say: Callable[[str], None] = print) -> ResumePoint:
     """The first iteration not done, after removing whatever a crash left half-written."""
     out = Path(cfg.run.output_dir)
     point = ResumePoint(1, base_model, 0)
@@ -160,11 +157,11 @@ def resume_point(cfg: Config, base_model: str, uids: set[str], say: Callable[[st
     return point
 
 
-def _clean(it: Path, uids: set[str], say: Callable[[str], None]) -> None:
+def _clean(it: Path, uids: pa.Array, say: Callable[[str], None]) -> None:
     tmp = it / "pairs.tmp"  # a streamed iteration names its pairs only after training on them
     if tmp.exists() and not (it / "pairs").exists() and valid_pairs(tmp, uids):
         tmp.rename(it / "pairs")
-    for name in ("DONE", "model", "model.tmp", "pairs.tmp"):
+    for name in ("DONE", "model", "model.tmp", "pairs.tmp", "prompts.tmp"):
         path = it / name
         if path.is_dir():
             shutil.rmtree(path)

@@ -49,7 +49,7 @@ def pairs(toy):
     from spin_ray.data import load_sft
 
     tok = AutoTokenizer.from_pretrained(toy.model_dir)
-    ex = load_sft(toy.train_path, tok, max_prompt_tokens=64, max_response_tokens=16, max_examples=16)
+    ex = load_sft(toy.train_path, tok, max_prompt_tokens=64, max_response_tokens=16)[:16]
     rows = [
         {"uid": e.uid, "prompt_ids": e.prompt_ids, "real_ids": e.real_ids, "generated_ids": ex[(i + 1) % 16].real_ids}
         for i, e in enumerate(ex)

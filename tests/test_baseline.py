@@ -44,10 +44,8 @@ def test_sft_arm_trains_on_the_same_rows_in_the_same_order(toy, tmp_path):
         cfg = load_config(ROOT / "configs" / "toy.yaml", [f"run.output_dir={out}", f"spin.objective={arm}"])
         coordinator = Coordinator(cfg, prepare(cfg))
         for t in (1, 2, 3):  # pairs as the engines would leave them: in the order they finished
-            rows = [
-                {"uid": e.uid, "prompt_ids": e.prompt_ids, "real_ids": e.real_ids, "generated_ids": [t, 2]}
-                for e in reversed(coordinator.p.train)
-            ]
+            rows = pq.read_table(coordinator.p.train.path, columns=["uid", "prompt_ids", "real_ids"]).to_pylist()
+            rows = [r | {"generated_ids": [t, 2]} for r in reversed(rows)]
             (out / f"iter_{t}" / "pairs").mkdir(parents=True)
             pq.write_table(pa.Table.from_pylist(rows), out / f"iter_{t}" / "pairs" / "pairs.parquet")
         tables[arm] = [coordinator.training_table(t) for t in (1, 2, 3)]

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import subprocess
 import sys
@@ -5,11 +6,12 @@ import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray.data import DataError, encode, load_sft, summarize
+from spin_ray.data import ROW_GROUP, DataError, encode, load_sft, read_sft, write_permuted, write_training_set
 from spin_ray.generation import sample_seed
 from spin_ray.toy import make_tokenizer
 
@@ -69,12 +71,6 @@ def test_repeated_prompts_and_equal_records_are_kept(tmp_path, tok, capsys):
     assert uids[0].endswith("-0") and uids[1] == uids[0][:-1] + "1" and uids[4] == uids[0][:-1] + "2"
     assert uids == [e.uid for e in load(path, tok)]  # stable across loads: resume and seeds line up
     assert len({sample_seed(0, 0, u) for u in uids}) == 5  # each record its own sample y'
-    assert summarize(examples) == {
-        "records": 5,
-        "distinct_prompts": 2,
-        "records_with_repeated_prompt": 4,
-        "duplicate_records": 2,
-    }
     summary = "5 records, 2 distinct prompts, 4 records with repeated prompt, 2 duplicate records"
     assert summary in capsys.readouterr().out
     deduped = load(path, tok, dedupe="records")
@@ -85,6 +81,48 @@ def test_duplicate_given_ids_name_both_records(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [conv("1+1=", "2", id=7), conv("2+2=", "4"), conv("3+3=", "6", id="7")])
     with pytest.raises(DataError, match=r"d.jsonl:3: field `id` '7' duplicates .*d.jsonl:1"):
         load(path, tok)
+
+
+def test_training_set_streams_to_parquet_and_keeps_validating_past_max_examples(tmp_path, tok):
+    rows = [conv(f"{i}+1=", str(i + 1)) for i in range(ROW_GROUP + 10)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    kw = dict(max_prompt_tokens=64, max_response_tokens=16)
+    dest = tmp_path / "train.parquet"
+    full = write_training_set(read_sft(path, tok, **kw), dest, max_examples=None)
+    examples = load_sft(path, tok, **kw)
+    table = pq.read_table(dest)
+    assert full.records == table.num_rows == ROW_GROUP + 10 and pq.ParquetFile(dest).metadata.num_row_groups == 2
+    assert table["uid"].to_pylist() == [e.uid for e in examples]
+    assert table["prompt_ids"].to_pylist() == [e.prompt_ids for e in examples]
+    # The fingerprint of earlier versions (resume compares it with the one a run dir stores).
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.uid, e.prompt_ids, e.real_ids]).encode())
+    assert full.fingerprint == h.hexdigest()[:16]
+    assert full.prompt_tokens == sum(len(e.prompt_ids) for e in examples)
+    assert sum(full.real_lengths.values()) == full.records
+    first = write_training_set(read_sft(path, tok, **kw), None, max_examples=3)  # a dry run: nothing written
+    assert first.path is None and first.records == 3 and first.fingerprint != full.fingerprint
+    write_jsonl(path, [*rows, {"messages": "oops"}])
+    with pytest.raises(DataError, match=rf"d.jsonl:{len(rows) + 1}: field `messages`"):
+        write_training_set(read_sft(path, tok, **kw), None, max_examples=3)
+
+
+def test_write_permuted_is_a_take_in_parts(tmp_path):
+    """The external shuffle that orders an iteration's prompts equals `take(order)`, cut into parts."""
+    n = 3 * ROW_GROUP + 17  # several input batches and several buckets
+    table = pa.table({"uid": [f"u{i}" for i in range(n)], "ids": [[i, i + 1] for i in range(n)]})
+    pq.write_table(table, tmp_path / "src.parquet", row_group_size=1000)
+    order = np.random.default_rng(5).permutation(n)
+
+    def add(t: pa.Table) -> pa.Table:
+        return t.append_column("twice", pa.array([2 * i[0] for i in t["ids"].to_pylist()]))
+
+    parts = write_permuted(tmp_path / "src.parquet", order, tmp_path / "parts", 256, add)
+    got = [pq.read_table(p) for p in parts]
+    assert [t.num_rows for t in got] == [256] * (n // 256) + [n % 256]
+    assert pa.concat_tables(got).equals(add(table).take(order))
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [p.name for p in parts]  # no bucket left
 
 
 def test_every_bad_record_reported_with_line_and_field(tmp_path, tok):
@@ -203,8 +241,8 @@ def test_resume_trusts_only_complete_artifacts(tmp_path, toy):
 
     out = tmp_path / "run"
     cfg = load_config(None, [f"run.output_dir={out}", "spin.iterations=3"])
-    uids = {f"u{i}" for i in range(10)}
-    pairs = pa.Table.from_pylist([{"uid": u} for u in sorted(uids)])
+    pairs = pa.Table.from_pylist([{"uid": f"u{i}"} for i in range(10)])
+    uids = pairs["uid"].combine_chunks()  # sorted, as resume.sorted_uids gives them
     for t in (1, 2, 3):
         (out / f"iter_{t}" / "pairs").mkdir(parents=True)
         pq.write_table(pairs, out / f"iter_{t}" / "pairs" / "pairs.parquet")

@@ -45,11 +45,16 @@ def run(toy_run):
 
 def test_artifacts_and_engines_started_once(run):
     out, first, second = run
+    # replacements first: a failure then names the cause
+    assert first["engine_replacements"] == second["engine_replacements"] == []
+    assert first["trainer_restarts"] == second["trainer_restarts"] == []
     assert first["engine_starts"] == 1 and second["engine_starts"] == 1
-    assert first["engine_replacements"] == [] and first["trainer_restarts"] == []
     assert [r["iteration"] for r in second["history"]] == [2, 3]  # resumed: start = p_2, then iteration 3
     assert (out / "config.yaml").exists() and (out / "summary.json").exists()
     assert not (out / "ray_train" / "spin-train" / "iter_1").exists()  # no optimizer state nobody reads
+    # The tokenized training set is on disk, read in batches; the ordered prompts were temporary.
+    assert pq.read_table(out / "data" / "train.parquet").num_rows == N_PROMPTS
+    assert not list(out.glob("iter_*/prompts.tmp")) and not list(out.glob("data/*.tmp"))
     for t in (1, 2, 3):
         pairs = pq.read_table(out / f"iter_{t}" / "pairs")
         # One pair per record: repeated prompts and exactly equal records are kept, each its own uid.

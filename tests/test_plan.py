@@ -168,7 +168,7 @@ def test_7b_memory_matches_deepspeed(model_7b, tmp_path):
 def test_7b_fits_eight_80gib_gpus(model_7b, tmp_path, on_gpu_node, capsys):
     cfg = shaped_config(model_7b, tmp_path)
     on_gpu_node(12)
-    assert plan.dry_run(cfg, prepare(cfg)) == 0
+    assert plan.dry_run(cfg, prepare(cfg, dry_run=True)) == 0
     out = capsys.readouterr().out
     assert "engines      4 x {CPU 0.5, GPU 1} = {CPU 2, GPU 4}: OK" in out
     assert "workers      8 x {CPU 1, GPU 1} = {CPU 8, GPU 8}: OK" in out
@@ -182,7 +182,7 @@ def test_70b_on_one_gpu_warns_and_exits_1(model_70b, tmp_path, on_gpu_node, caps
         model_70b, tmp_path, "train.num_workers=1", "generation.num_engines=1", f"train.zero_stage={stage}"
     )
     on_gpu_node(2)
-    assert plan.dry_run(cfg, prepare(cfg)) == 1
+    assert plan.dry_run(cfg, prepare(cfg, dry_run=True)) == 1
     out = capsys.readouterr().out
     assert "68,976,648,192 parameters" in out
     assert "WARN: does not fit on one 80 GiB GPU" in out
@@ -200,7 +200,7 @@ def test_sft_baseline_plans_no_generation_and_no_reference(model_7b, tmp_path, o
     assert sft_memory["activations"] == spin_memory["activations"] / 2  # one sequence per row, not two
     assert plan.schedule(sft, 40) == plan.schedule(spin, 40)  # the same steps, by design
     on_gpu_node(12)
-    assert plan.dry_run(sft, prepare(sft)) == 0
+    assert plan.dry_run(sft, prepare(sft, dry_run=True)) == 0
     assert "generate     nothing: spin.objective=sft" in capsys.readouterr().out
 
 

@@ -162,7 +162,9 @@ def test_phase_seconds_and_examples(tmp_path):
     seconds = plots.phase_seconds(run.iterations)
     assert list(seconds.columns) == [*PHASES, "other"]
     assert seconds["other"].tolist() == [4.0 - 2.375, 5.0 - 2.375]  # time/iteration_s minus the phases
-    assert sorted(run.lengths) == [1, 2] and run.lengths[1]["real_tokens"].tolist()[:4] == [2, 3, 4, 2]
+    # Pairs per response length: 12 pairs of real lengths 2, 3, 4 and generated lengths 1-4.
+    assert sorted(run.lengths) == [1, 2] and run.lengths[1]["real"].tolist() == [0, 0, 4, 4, 4]
+    assert run.lengths[1]["generated"].tolist() == [0, 3, 3, 3, 3]
     # The same prompts in every iteration, spread over the uids.
     assert run.examples[1]["uid"].tolist() == run.examples[2]["uid"].tolist()
     assert run.examples[1]["uid"].tolist() == [f"train-{i:06d}" for i in (0, 2, 4, 7, 9)]
