@@ -27,6 +27,16 @@ import pyarrow.parquet as pq
 import torch
 
 ROLES = ("system", "user", "assistant", "tool")
+TRAIN_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("prompt", pa.string()),
+        ("real", pa.string()),
+        ("prompt_ids", pa.list_(pa.int64())),
+        ("real_ids", pa.list_(pa.int64())),
+    ]
+)
+ROW_GROUP = 4096  # examples per write, and rows a reader of the file holds at a time
 
 
 class DataError(ValueError):
@@ -123,9 +133,11 @@ class Census:
     def __init__(self) -> None:
         self.prompts, self.records = array("q"), array("q")
 
-    def add(self, e: Example) -> None:
+    def add(self, e: Example) -> int:
+        """Counts `e`; returns its record digest."""
         self.prompts.append(_digest(e.prompt_ids))
         self.records.append(_digest((e.prompt_ids, e.real)))
+        return self.records[-1]
 
     def summary(self) -> dict[str, int]:
         _, counts = np.unique(np.frombuffer(self.prompts, dtype=np.int64), return_counts=True)
@@ -219,11 +231,11 @@ def read_sft(
             prompt_ids=prompt_ids,
             real_ids=real_ids[:max_response_tokens],
         )
-        census.add(example)
+        record_key = census.add(example)
         if dedupe == "records":
-            if census.records[-1] in kept:
+            if record_key in kept:
                 continue
-            kept.add(census.records[-1])
+            kept.add(record_key)
         yield example
     if rows == 0:
         problems.append(f"{path}: file is empty")
@@ -244,18 +256,6 @@ def read_sft(
 def load_sft(path: str | Path, tokenizer: Any, **kwargs: Any) -> list[Example]:
     """A whole (held-out) file in memory; read_sft's arguments."""
     return list(read_sft(path, tokenizer, **kwargs))
-
-
-TRAIN_SCHEMA = pa.schema(
-    [
-        ("uid", pa.string()),
-        ("prompt", pa.string()),
-        ("real", pa.string()),
-        ("prompt_ids", pa.list_(pa.int64())),
-        ("real_ids", pa.list_(pa.int64())),
-    ]
-)
-ROW_GROUP = 4096  # examples per write, and rows a reader of the file holds at a time
 
 
 @dataclass(frozen=True)

@@ -116,15 +116,13 @@ class EnginePool:
             return  # already being replaced
         self.slots[i] = None
         ray.kill(slot.handle, no_restart=True)  # a frozen process must not come back half-updated
-        if self.fatal:  # shut down, or already failed: nothing to replace it for
-            pass
-        elif len(self.events) >= self.cfg.max_restarts:
+        if self.fatal is None and len(self.events) >= self.cfg.max_restarts:
             self.fatal = (
                 f"engine {i} (pid {slot.info.get('pid')}, node {slot.info.get('node', '?')[:12]}) was lost: {cause}; "
                 f"generation.max_restarts={self.cfg.max_restarts} replacements are used up. Check the engine's log "
                 "(ray logs) and the nodes' health, or raise generation.max_restarts."
             )
-        else:
+        elif self.fatal is None:  # else shut down, or failed already: nothing to replace it for
             print(f"[health] engine {i} (pid {slot.info.get('pid')}) lost: {cause}; starting a replacement", flush=True)
             asyncio.create_task(self._replace(i, slot, cause, time.time()))
         async with self.changed:
