@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import os
@@ -38,12 +39,26 @@ from spin_ray.serving import key_digest, live_endpoint
 from spin_ray.tracking import Tracker
 from spin_ray.training import Trainer, on_this_node
 
-# The coordinator streams the whole data set through small batches on several threads. Arrow's
-# default allocator (mimalloc) keeps the pages of freed buffers, and glibc gives each thread an
-# arena of its own that it rarely trims: its memory then grew with the data (+29 MB from 5,000 to
-# 50,000 toy prompts). glibc's malloc for Arrow and one arena: +9 MB from 500 to 50,000. The driver
-# needs only the first (jobs/spin.py sets it before pyarrow loads).
-STREAMING_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "1"}
+
+def streaming_allocators() -> None:
+    """Memory the coordinator frees goes back, so it stays flat however many prompts stream
+    through it in small batches on several threads. Arrow's default allocator (mimalloc) keeps
+    the pages of freed buffers, and glibc's arenas (one per thread) rarely give theirs back: the
+    coordinator grew with the data (+29 MB from 5,000 to 50,000 toy prompts). Done in this process
+    only: environment variables in its runtime_env would reach every engine and train worker."""
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+
+    def trim_every_second() -> None:
+        while True:
+            trim(0)
+            time.sleep(1.0)
+
+    threading.Thread(target=trim_every_second, name="malloc-trim", daemon=True).start()
+
 
 # vLLM's CPU attention kernels reject other head sizes, and only after ~40 s of start-up.
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 256)
@@ -164,6 +179,7 @@ class Coordinator:
         self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
         self.generating = threading.Event()  # the first iteration's first pairs are made (or none are needed)
         name_log("coordinator")
+        streaming_allocators()
         record(cfg, prepared.train.fingerprint)
         (self.out / "summary.json").unlink(missing_ok=True)  # a resumed run is not finished until it ends
 
@@ -445,7 +461,6 @@ def run_job(
     so it needs no GPU node to exist; draws its progress and returns its summary."""
     console = console or Console(Path(cfg.run.output_dir), tty=False)
     # Two threads: `run` works while the driver's console polls `progress_since`.
-    options = dict(scheduling_strategy=on_this_node(), runtime_env={"env_vars": STREAMING_ENV})
-    actor = ray.remote(num_cpus=0, max_concurrency=2, **options)(Coordinator)
+    actor = ray.remote(num_cpus=0, max_concurrency=2, scheduling_strategy=on_this_node())(Coordinator)
     coordinator = actor.remote(cfg, prepared, marks)
     return console.follow(coordinator.run.remote(), coordinator.progress_since.remote)

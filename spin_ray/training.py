@@ -15,6 +15,7 @@ import os
 import queue
 import shutil
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -171,10 +172,26 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float, schedule: str
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
+def build_cpu_ops() -> None:
+    """Builds DeepSpeed's CPU all-reduce op once per machine (scripts/setup.sh calls this), so that
+    no job pays for the build.
+
+    torch builds such ops with the first `ninja` on PATH. Two ninja versions (the system's and this
+    environment's) each take the other's build log for a stale one and rebuild the op: 30-140 s
+    of both cores at a trainer's start, and a killed build leaves a lock that every later start
+    waits on. So every process uses this environment's ninja, the pinned one.
+    """
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()  # what deepspeed.initialize would do first (nothing off CPU)
+
+
 class SpinWorker:
     """The state one training rank keeps for the whole job: policy, reference, optimizer."""
 
     def __init__(self, cfg: Config, model_path: str):
+        build_cpu_ops()  # before deepspeed.initialize loads it
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig

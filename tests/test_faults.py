@@ -45,14 +45,23 @@ PLACEMENT = [  # operational: where things run and how faults are handled
 ]
 
 
-def wait_for(what: str, check, timeout: float = 300, every: float = 0.2):
+def wait_for(what: str, check, timeout: float = 300, every: float = 0.2, out: Path | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}" + (where_the_job_is(out) if out else ""))
+
+
+def where_the_job_is(out: Path) -> str:
+    """What a timed-out wait shows: the job's events and the ends of its logs."""
+    lines = [f"\n--- {p.name}: {p.read_text()[-1500:]}" for p in sorted(out.glob("events.jsonl"))]
+    for pattern in ("driver.log", "coordinator-*.log", "engine-pool-*.log", "train-rank*.log"):
+        for log in sorted((out / "logs").glob(pattern)):
+            lines.append(f"\n--- {log.name}: ..." + "\n".join(log.read_text().splitlines()[-15:]))
+    return "".join(lines)
 
 
 def driver_pid(cluster: FakeCluster) -> int | None:
@@ -91,11 +100,12 @@ def scenario(toy_run):
             lambda: len(cluster.actors("Engine")) == len(cluster.actors("RayTrainWorker")) == 2,
             timeout=600,
             every=1,
+            out=out,
         )
         engines = [a.pid for a in cluster.actors("Engine")]
         worker = cluster.actors("RayTrainWorker")[0].pid
         generated = out / "iter_1" / "pairs.tmp"
-        wait_for("iteration 1's generation", generated.exists, timeout=600, every=0.005)
+        wait_for("iteration 1's generation", generated.exists, timeout=600, every=0.005, out=out)
         for pid in engines:
             os.kill(pid, signal.SIGSTOP)
         observe()
@@ -105,16 +115,16 @@ def scenario(toy_run):
         # Fault 2: freeze a train worker once it has the streamed training task (it waits for
         # pairs from the replacement engines), and kill it once every pair is made: the new group
         # gets the stream again from its first pair, read back from disk.
-        wait_for("the streamed training", lambda: runs_train(out, worker), every=0.01)
+        wait_for("the streamed training", lambda: runs_train(out, worker), every=0.01, out=out)
         os.kill(worker, signal.SIGSTOP)
-        wait_for("iteration 1's pairs", lambda: len(list(generated.glob("part-*.parquet"))) == 6, timeout=300)
+        wait_for("iteration 1's pairs", lambda: len(list(generated.glob("part-*.parquet"))) == 6, timeout=600, out=out)
         time.sleep(1)
         os.kill(worker, signal.SIGKILL)
         seen |= {"killed_engines": engines, "killed_worker": worker}
         observe()
         # Fault 3: the driver dies once iteration 2 is done. Freezing the coordinator first holds
         # the job right there (it would otherwise finish iteration 3 before the kill lands).
-        wait_for("iteration 2 done", lambda: (out / "iter_2" / "DONE").exists(), every=0.02)
+        wait_for("iteration 2 done", lambda: (out / "iter_2" / "DONE").exists(), every=0.02, out=out)
         coordinator = cluster.actors("Coordinator")[0].pid
         os.kill(coordinator, signal.SIGSTOP)
         os.kill(wait_for("the driver", lambda: driver_pid(cluster)), signal.SIGKILL)
