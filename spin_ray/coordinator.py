@@ -326,8 +326,7 @@ class Coordinator:
         SFT baseline gets the same rows in the same order, without the generated side."""
         iterations = range(max(1, t - self.cfg.spin.mix_previous), t + 1)
         if self.cfg.spin.objective == "sft":
-            columns = ["uid", "prompt_ids", "real_ids"]
-            tables = [pq.read_table(self.p.train.path, columns=columns) for _ in iterations]
+            tables = [pq.read_table(self.p.train.path, columns=["uid", "prompt_ids", "real_ids"])] * len(iterations)
         else:
             columns = ["uid", "prompt_ids", "real_ids", "generated_ids"]
             tables = [pq.read_table(self.out / f"iter_{i}" / "pairs", columns=columns) for i in iterations]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ TRAIN_SCHEMA = pa.schema(
     ]
 )
 ROW_GROUP = 4096  # examples per write, and rows a reader of the file holds at a time
+MAX_BUCKETS = 256  # write_permuted's files open at once: well under the usual 1,024 open files
 
 
 class DataError(ValueError):
@@ -207,8 +209,9 @@ def read_sft(
         uid = _given_id(record)
         if uid is None:
             content = _content_hash(record["messages"])
-            uid = f"{content}-{occurrences[int(content, 16)]}"
-            occurrences[int(content, 16)] += 1
+            digest = int(content, 16)  # an int costs half a 16-character str per record
+            uid = f"{content}-{occurrences[digest]}"
+            occurrences[digest] += 1
         if (key := _digest(uid)) in first_at:
             problems.append(f"{where(n)}: field `id` {uid!r} duplicates {where(first_at[key])}")
             continue
@@ -300,10 +303,11 @@ def write_permuted(
     """`src`'s rows reordered (row j out is row order[j] in), plus the columns `add` makes, as
     dest/part-<k>.parquet files of `part_rows` rows. An external shuffle holding about ROW_GROUP
     rows at a time: each row goes to the bucket file of its output range, then each bucket is
-    sorted and cut into parts."""
+    sorted and cut into parts. Past MAX_BUCKETS * ROW_GROUP rows the buckets grow instead of their
+    number (each is an open file while rows are dealt)."""
     position = np.empty_like(order)
     position[order] = np.arange(len(order))
-    per_bucket = part_rows * max(1, ROW_GROUP // part_rows)
+    per_bucket = part_rows * max(1, ROW_GROUP // part_rows, math.ceil(len(order) / (MAX_BUCKETS * part_rows)))
     dest.mkdir(parents=True, exist_ok=True)
     buckets: dict[int, pa.ipc.RecordBatchFileWriter] = {}  # Arrow IPC: cheap to append small pieces to
     start = 0

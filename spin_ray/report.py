@@ -273,9 +273,8 @@ def _read_pairs(
             if not real.sum():
                 problems.append(f"{pairs_dir.relative_to(path)}: no pairs")
                 continue
-            width = max(len(real), len(generated))
-            pad = {"real": real, "generated": generated}
-            lengths[t] = pd.DataFrame({k: np.pad(v, (0, width - len(v))) for k, v in pad.items()})
+            real, generated = _same_width(real, generated)
+            lengths[t] = pd.DataFrame({"real": real, "generated": generated})
             uids = data.to_table(columns=["uid"])["uid"].combine_chunks()
             found = pc.is_in(pa.array(picked, pa.string()), value_set=uids).to_pylist()
             chosen = [u for u, ok in zip(picked, found, strict=True) if ok] or _spread(uids, n_examples)
@@ -289,9 +288,14 @@ def _read_pairs(
 
 def _counted(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
     """`counts` (pairs per length) plus `values`' lengths."""
-    more = np.bincount(values)
-    width = max(len(counts), len(more))
-    return np.pad(counts, (0, width - len(counts))) + np.pad(more, (0, width - len(more)))
+    counts, more = _same_width(counts, np.bincount(values))
+    return counts + more
+
+
+def _same_width(*counts: np.ndarray) -> list[np.ndarray]:
+    """Counts per length, padded with zeros to the longest."""
+    width = max(len(c) for c in counts)
+    return [np.pad(c, (0, width - len(c))) for c in counts]
 
 
 def _iteration_number(iter_dir: Path) -> int | None:

@@ -108,8 +108,10 @@ def test_training_set_streams_to_parquet_and_keeps_validating_past_max_examples(
         write_training_set(read_sft(path, tok, **kw), None, max_examples=3)
 
 
-def test_write_permuted_is_a_take_in_parts(tmp_path):
+@pytest.mark.parametrize("max_buckets", [256, 2])  # 2: the buckets grow instead of their number
+def test_write_permuted_is_a_take_in_parts(tmp_path, monkeypatch, max_buckets):
     """The external shuffle that orders an iteration's prompts equals `take(order)`, cut into parts."""
+    monkeypatch.setattr("spin_ray.data.MAX_BUCKETS", max_buckets)
     n = 3 * ROW_GROUP + 17  # several input batches and several buckets
     table = pa.table({"uid": [f"u{i}" for i in range(n)], "ids": [[i, i + 1] for i in range(n)]})
     pq.write_table(table, tmp_path / "src.parquet", row_group_size=1000)
