@@ -38,8 +38,8 @@ from transformers import LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from spin_ray.config import GenerationConfig  # noqa: E402
-from spin_ray.generation import sample_seed  # noqa: E402
-from spin_ray.toy import make_tokenizer  # noqa: E402
+from spin_ray.loop.generate import sample_seed  # noqa: E402
+from spin_ray.toy_model import make_tokenizer  # noqa: E402
 
 MAX_MODEL_LEN = 256  # >= prompt + new tokens
 PROMPT_TOKENS = (16, 48)  # varied prompt lengths, as in real data
@@ -111,7 +111,6 @@ def stream_run(engines: list, prompts: pa.Table, cfg: GenerationConfig, batch_si
 def hot_swap(model_dir: Path, cfg: GenerationConfig, repeats: int = 3) -> dict[str, float]:
     """Median seconds to pack + push + load full weights into a running engine."""
     import ray
-
     from spin_ray.generation import start_engines
     from spin_ray.sync import pack
 
@@ -138,7 +137,6 @@ def hot_swap(model_dir: Path, cfg: GenerationConfig, repeats: int = 3) -> dict[s
 
 def benchmark(args: argparse.Namespace, root: Path) -> None:
     import ray
-
     from spin_ray.generation import start_engines
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -180,8 +180,8 @@ def _generate(model: str, pairs: str, t: int) -> None:
     import pyarrow.parquet as pq
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from spin_ray.coordinator import prepare
-    from spin_ray.generation import sample_seed
+    from spin_ray.driver.prepare import prepare
+    from spin_ray.loop.generate import sample_seed
 
     cfg = _official_config(Path(pairs).parent.parent)
     p = prepare(cfg)

@@ -11,7 +11,7 @@ def make_llama(out_dir: Path, **shape: Any) -> int:
     parameter count (tied weights once). head_dim = hidden / heads must be 32 or 64 for vLLM on CPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spin_ray.toy import make_tokenizer
+    from spin_ray.toy_model import make_tokenizer
 
     tok = make_tokenizer()
     defaults = {"vocab_size": len(tok), "tie_word_embeddings": False, "max_position_embeddings": 1024}

@@ -27,7 +27,7 @@ from models import make_llama
 ROOT = Path(__file__).resolve().parent.parent
 MAX_MODEL_LEN = 128
 KV_BYTES = 2**28
-# One OpenMP thread per engine, as the job's engines and Serve's replicas run (spin_ray.generation).
+# One OpenMP thread per engine, as the job's engines and Serve's replicas run (spin_ray.engines.engine).
 ENGINE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -122,7 +122,7 @@ def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> dict[int
     from ray import serve
 
     from spin_ray.config import load_config
-    from spin_ray.serving import serve_models
+    from spin_ray.serve.app import serve_models
 
     cfg = load_config(
         None,

@@ -216,9 +216,9 @@ class RayTrainLoop:
 
     def __init__(self, root: Path):
         import ray
+        from spin_ray.training import Trainer
 
         from spin_ray.config import load_config
-        from spin_ray.training import Trainer
 
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         self.pairs = ray.data.from_arrow(pq.read_table(root / "pairs.parquet"))

@@ -21,11 +21,11 @@ from pathlib import Path
 import ray
 import torch
 from models import make_llama
-
-from spin_ray.config import GenerationConfig, SyncConfig
 from spin_ray.generation import start_engines
 from spin_ray.sync import pack, plan_buckets, send_buckets, weight_group
 from spin_ray.training import free_address
+
+from spin_ray.config import GenerationConfig, SyncConfig
 
 # MB: (hidden size, layers); 16 * hidden^2 parameters per layer, 4 bytes each in fp32
 SHAPES = {size: (hidden, layers) for size, hidden, layers in [(10, 256, 3), (100, 512, 6), (500, 1024, 8)]}

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     from transformers import AutoConfig
 
     from spin_ray.config import ConfigError, load_config
-    from spin_ray.serving import checkpoints, max_model_len
+    from spin_ray.serve.app import checkpoints, max_model_len
 
     stored = Path(args.path) / "config.yaml"
     flags = [f"serve.host={args.host}"] * bool(args.host) + [f"serve.port={args.port}"] * bool(args.port)
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
 
     import ray
 
-    from spin_ray.serving import serve_models
+    from spin_ray.serve.app import serve_models
 
     if not ray.is_initialized():
         # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.

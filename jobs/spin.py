@@ -32,8 +32,8 @@ def init_ray(cfg: Config) -> None:
     """Joins the configured cluster, or starts a local Ray sized for the job."""
     import ray
 
-    from spin_ray.console import LOG_DIR_ENV, log_driver_to
-    from spin_ray.plan import local_cpus, ray_address
+    from spin_ray.cluster import local_cpus, ray_address
+    from spin_ray.logs import LOG_DIR_ENV, log_driver_to
 
     out = Path(cfg.run.output_dir)
     # Ray Data's bars are unreadable when forwarded from actors: the console draws progress.
@@ -43,7 +43,7 @@ def init_ray(cfg: Config) -> None:
     if not cfg.run.verbose:
         log_driver_to(out / "logs")
         env[LOG_DIR_ENV] = str(out / "logs")
-        runtime_env["worker_process_setup_hook"] = "spin_ray.console.capture_output"
+        runtime_env["worker_process_setup_hook"] = "spin_ray.logs.capture_output"
     init = dict(runtime_env=runtime_env, log_to_driver=cfg.run.verbose, configure_logging=cfg.run.verbose)
     if ray_address(cfg):
         ray.init(address=cfg.run.ray_address, **init)
@@ -64,8 +64,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from spin_ray.config import ConfigError, load_config
-    from spin_ray.coordinator import prepare
     from spin_ray.data import DataError
+    from spin_ray.driver.prepare import prepare
 
     try:
         cfg = load_config(args.config, args.overrides + ["run.verbose=true"] * args.verbose)
@@ -76,14 +76,15 @@ def main(argv: list[str]) -> int:
         return 2
     marks = {"launch": LAUNCHED, "checked": time.time()}
     if args.dry_run:
-        from spin_ray.plan import dry_run
+        from spin_ray.driver.plan import dry_run
 
         return dry_run(cfg, prepared)
     init_ray(cfg)
     marks["ray_up"] = time.time()
 
-    from spin_ray.console import Console, header, table
-    from spin_ray.coordinator import run_job
+    from spin_ray.driver.console import Console, header
+    from spin_ray.driver.job import run_job
+    from spin_ray.loop.progress import table
 
     out = Path(cfg.run.output_dir)
     print(header(cfg, prepared), flush=True)

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/chaos.py --faults 10 --seed 0
 
-Starts a fake autoscaling cluster shaped like cluster.yaml (spin_ray.testbed), runs the toy job
+Starts a fake autoscaling cluster shaped like cluster.yaml (tests/testbed.py), runs the toy job
 once without faults, then again while injecting N faults at random moments once iteration 1 has
 begun: an engine process killed (SIGKILL) or frozen (SIGSTOP), a train worker killed, or a whole
 generation/training node removed (its raylet killed). Prints what was injected, whether the job
@@ -25,9 +25,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the fake cluster is the tests' test bed
 
-from spin_ray.testbed import FakeCluster  # noqa: E402
+from testbed import FakeCluster  # noqa: E402
 
 SETTINGS = [
     "generation.resource=gen_gpu",
@@ -62,7 +62,7 @@ def inject(cluster: FakeCluster, kind: str, rng: random.Random) -> str | None:
 
 
 def submit(cluster: FakeCluster, out: Path, iterations: int, wait: bool) -> None:
-    args = ["job", "submit"] + ([] if wait else ["--no-wait"])  # no --working-dir: see spin_ray.testbed
+    args = ["job", "submit"] + ([] if wait else ["--no-wait"])  # no --working-dir: see tests/testbed.py
     args += ["--", "python", str(ROOT / "jobs" / "spin.py"), f"run.output_dir={out}", f"spin.iterations={iterations}"]
     args += SETTINGS
     cluster.ray(*args, check=wait, timeout=3600)

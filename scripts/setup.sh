@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -c "import vllm, ray, deepspeed, transformers" 2>/dev/null \
     || { echo "setup: the environment does not import; see the pip output above" >&2; exit 1; }
 # Jobs start without compiling DeepSpeed's CPU all-reduce: built once here (see build_cpu_ops).
-.venv/bin/python -c "from spin_ray.training import build_cpu_ops; build_cpu_ops()" >/dev/null 2>&1 \
+.venv/bin/python -c "from spin_ray.trainer.ds import build_cpu_ops; build_cpu_ops()" >/dev/null 2>&1 \
     || echo "setup: could not build DeepSpeed's CPU ops; each job's trainer will try" >&2
 # tests/test_report.py opens report.html in headless Chromium; only root can install it, and the job never needs it.
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

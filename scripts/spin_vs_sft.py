@@ -34,7 +34,8 @@ def main(argv: list[str]) -> int:
     import ray
 
     from spin_ray.config import load_config
-    from spin_ray.coordinator import prepare, run_job
+    from spin_ray.driver.job import run_job
+    from spin_ray.driver.prepare import prepare
     from spin_ray.toy import toy_world
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

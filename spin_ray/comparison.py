@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from spin_ray.resume import OPERATIONAL, flatten
+from spin_ray.config import OPERATIONAL, flatten
+from spin_ray.rundir import RunDir
 from spin_ray.tracking import read_metrics
 
 # The keys that make two runs' numbers comparable: the same model and the same data.
@@ -38,8 +39,9 @@ class RunResult:
 
 def load(path: str | Path) -> RunResult:
     path = Path(path)
+    run = RunDir(path)
     try:
-        config = flatten(yaml.safe_load((path / "config.yaml").read_text()))
+        config = flatten(yaml.safe_load(run.config.read_text()))
         lines = read_metrics(path)
     except (OSError, ValueError) as e:
         raise ComparisonError(f"{path}: not a spin-ray run directory ({e})") from None
@@ -48,7 +50,7 @@ def load(path: str | Path) -> RunResult:
         for x in lines
         if "train/lr" not in x and any(k.startswith("eval/") for k in x)
     }
-    fingerprint = path / "data_fingerprint"
+    fingerprint = run.fingerprint
     return RunResult(
         path,
         config.get("spin.objective", "spin"),

@@ -207,6 +207,48 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
 
+# Keys that change where and how fast a run goes, never what it computes.
+OPERATIONAL = (
+    "spin.iterations",
+    "generation.num_engines",
+    "generation.num_gpus",
+    "generation.num_cpus",
+    "generation.resource",
+    "generation.kv_cache_gib",
+    "generation.gpu_memory_utilization",
+    "generation.enforce_eager",
+    "generation.batch_size",
+    "generation.max_in_flight",
+    "generation.start_timeout_s",
+    "generation.health_timeout_s",
+    "generation.max_restarts",
+    "train.num_cpus",
+    "train.resource",
+    "train.log_every",
+    "train.max_restarts",
+    "train.stall_timeout_s",
+    "sync.",
+    "eval.",  # hooks only add metrics
+    "serve.",
+    "run.output_dir",
+    "run.ray_address",
+    "run.wandb_project",
+    "run.wandb_mode",
+    "run.verbose",
+    "run.allow_config_change",
+)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """Set `a.b=value` in a nested dict; the value is parsed as YAML (so 1e-5, true, null work)."""
     key, sep, raw = override.partition("=")

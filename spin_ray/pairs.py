@@ -1,6 +1,7 @@
-"""An iteration's pairs as a stream (`spin.stream`): training starts on the first pairs while the
-engines still answer, and the pairs never sit whole in one process (a parquet part per source and
-the shuffle window).
+"""An iteration's pairs as a stream, the one path from pairs on disk to the train ranks. With
+`spin.stream` training starts on the first pairs while the engines still answer; without it, the
+same stream starts once every pair is stored. The pairs never sit whole in one process (a parquet
+part per source and the shuffle window).
 
 The order the trainer sees is a pure function of the run seed and the pairs, never of timing:
   1. the prompts go to the engines in a seeded permutation (seed + t), and the answers come back
@@ -9,7 +10,10 @@ The order the trainer sees is a pure function of the run seed and the pairs, nev
      each next pair comes from a source with probability proportional to the pairs it has left;
   3. a shuffle window of `spin.shuffle_window` pairs: each pair out is a random one of the window;
   4. the first (pairs // ranks) * ranks pairs are dealt in steps: every rank gets `batch_size`
-     consecutive pairs per step, so all ranks run the same steps.
+     consecutive pairs per step, so all ranks run the same steps;
+  5. with train.epochs > 1, steps 2-4 run again over the same pairs, the generator carried on.
+The SFT baseline streams the prompts of the same permutations with their real answers only, so it
+trains on the same rows in the same order as SPIN would.
 So the same pairs in the same order can be replayed from disk: to a trainer group that restarted,
 or when a resumed iteration finds its pairs already generated.
 """
@@ -28,21 +32,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spin_ray.config import GenerationConfig
-from spin_ray.generation import run_batch
+from spin_ray.stages import Generated
 
 Row = dict[str, Any]
-COLUMNS = ["uid", "prompt_ids", "real_ids", "generated_ids"]
-REFERENCE = {"real_ids": "ref_real_logps", "generated_ids": "ref_generated_logps"}  # log p_{t-1}, by the engines
+COLUMNS = ["uid", "prompt_ids", "real_ids", "generated_ids"]  # what training reads (SFT: no generated_ids)
 
 
 @dataclass
 class PairStream:
-    """What a streamed iteration trains on: `steps(ranks)` makes the stream anew from its start
+    """What an iteration trains on: `steps(ranks, epochs)` makes the stream anew from its start
     (`deal`'s steps); `total` pairs in all."""
 
     total: int
-    steps: Callable[[int], Iterator[list[pa.Table]]]
+    steps: Callable[[int, int], Iterator[list[pa.Table]]]
 
 
 class Generation:
@@ -93,12 +95,12 @@ class Generation:
                 raise self.error
             return self.tmp / f"part-{k:06d}.parquet" if self.parts > k else None
 
-    def wait(self) -> dict[str, float]:
-        """Blocks until every prompt is answered and on disk; returns the gen/ metrics."""
+    def wait(self) -> Generated:
+        """Blocks until every prompt is answered and on disk."""
         self._thread.join()
         if self.error is not None:
             raise self.error
-        return {"gen/seconds": self.seconds, "gen/tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+        return Generated(self.seconds, self.tokens)
 
 
 def pair_stream(
@@ -114,12 +116,13 @@ def pair_stream(
     counts = [stored_count(d) for d in dirs]
     total = sum(counts) + (new.expected if new else 0)
 
-    def steps(ranks: int) -> Iterator[list[pa.Table]]:
+    def steps(ranks: int, epochs: int = 1) -> Iterator[list[pa.Table]]:
         rng = np.random.default_rng(seed)
-        sources = [(n, stored_rows(d)) for n, d in zip(counts, dirs, strict=True)]
-        sources += [(new.expected, generated_rows(new))] if new else []
-        rows = window_shuffle(interleave(sources, rng), window, rng)
-        return deal(score(rows) if score else rows, ranks, batch_size, total)
+        for _ in range(epochs):
+            sources = [(n, stored_rows(d)) for n, d in zip(counts, dirs, strict=True)]
+            sources += [(new.expected, generated_rows(new))] if new else []
+            rows = window_shuffle(interleave(sources, rng), window, rng)
+            yield from deal(score(rows) if score else rows, ranks, batch_size, total)
 
     return PairStream(total, steps)
 
@@ -136,7 +139,8 @@ def generated_rows(generation: Generation) -> Iterator[Row]:
 def stored_rows(pairs_dir: Path) -> Iterator[Row]:
     """An earlier iteration's pairs, file by file in name order (one file in memory at a time)."""
     for path in sorted(pairs_dir.glob("*.parquet")):
-        for batch in pq.ParquetFile(path).iter_batches(columns=COLUMNS):
+        file = pq.ParquetFile(path)
+        for batch in file.iter_batches(columns=[c for c in COLUMNS if c in file.schema_arrow.names]):
             yield from batch.to_pylist()
 
 
@@ -164,12 +168,6 @@ def window_shuffle(rows: Iterator[Row], size: int, rng: np.random.Generator) -> 
         window[i] = row
     rng.shuffle(window)
     yield from window
-
-
-def scored_rows(rows: Iterator[Row], pool: Any, cfg: GenerationConfig) -> Iterator[Row]:
-    """`rows` with their reference log-probs (spin.reference=engines), scored a batch at a time."""
-    while chunk := list(itertools.islice(rows, cfg.batch_size)):
-        yield from run_batch(pa.Table.from_pylist(chunk), pool, "score_batch", {"columns": REFERENCE}).to_pylist()
 
 
 def deal(rows: Iterator[Row], ranks: int, batch_size: int, total: int) -> Iterator[list[pa.Table]]:

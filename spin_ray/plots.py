@@ -26,7 +26,7 @@ TRAINING_PANELS = {
     "log-prob, summed over the response": ["train/logps/real", "train/logps/generated"],
 }
 SERIES_LABELS = {"train/logps/real": "real y", "train/logps/generated": "generated y'"}
-# The job logs each phase's wall time as `time/<phase>_s` (spin_ray.console.Progress), in this order.
+# The job logs each phase's wall time as `time/<phase>_s` (spin_ray.loop.progress.Progress), in this order.
 ITERATION = "time/iteration_s"
 PHASE_ORDER = ["time/generate_s", "time/reference_s", "time/train_s", "time/export_s", "time/sync_s", "time/eval_s"]
 

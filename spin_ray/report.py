@@ -11,7 +11,6 @@ import base64
 import html
 import io
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import pyarrow.dataset as ds
 import yaml
 
 from spin_ray import plots
+from spin_ray.rundir import RunDir, write_atomic
 from spin_ray.tracking import read_metrics
 
 if TYPE_CHECKING:
@@ -100,8 +100,8 @@ def load_run(run_dir: str | Path, n_examples: int = 5) -> Run:
     lengths, examples = _read_pairs(path, n_examples, problems)
     return Run(
         path=path,
-        config=_read_yaml(path / "config.yaml", problems),
-        summary=_read_json(path / "summary.json", problems),
+        config=_read_yaml(RunDir(path).config, problems),
+        summary=_read_json(RunDir(path).summary, problems),
         steps=steps,
         iterations=iterations,
         lengths=lengths,
@@ -113,10 +113,8 @@ def load_run(run_dir: str | Path, n_examples: int = 5) -> Run:
 def write_report(run_dir: str | Path) -> Path:
     """Writes `run_dir/report.html` (atomically: a reader never sees half a page) and returns its path."""
     run = load_run(run_dir)
-    out = run.path / "report.html"
-    tmp = run.path / f".report.html.{os.getpid()}.tmp"
-    tmp.write_text(render(run), encoding="utf-8")
-    tmp.replace(out)
+    out = RunDir(run.path).report
+    write_atomic(out, render(run))
     return out
 
 
@@ -218,7 +216,7 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
 
 
 def _read_metrics(path: Path, problems: list[str]) -> list[dict[str, Any]]:
-    if not (path / "metrics.jsonl").exists():
+    if not RunDir(path).metrics.exists():
         return []
     lines = read_metrics(path, problems)
     return [x for x in lines if isinstance(x, dict) and "iteration" in x and "step" in x]  # as Tracker writes
@@ -257,8 +255,11 @@ def _read_pairs(
     lengths: dict[int, pd.DataFrame] = {}
     examples: dict[int, pd.DataFrame] = {}
     picked: list[str] = []
-    dirs = {t: p for p in path.glob("iter_*/pairs") if (t := _iteration_number(p.parent)) is not None}
-    for t, pairs_dir in sorted(dirs.items()):
+    run = RunDir(path)
+    for t in run.iterations():
+        pairs_dir = run.pairs(t)
+        if not pairs_dir.exists():
+            continue
         try:
             data = ds.dataset(pairs_dir, format="parquet")
             names = set(data.schema.names)
@@ -296,11 +297,6 @@ def _same_width(*counts: np.ndarray) -> list[np.ndarray]:
     """Counts per length, padded with zeros to the longest."""
     width = max(len(c) for c in counts)
     return [np.pad(c, (0, width - len(c))) for c in counts]
-
-
-def _iteration_number(iter_dir: Path) -> int | None:
-    suffix = iter_dir.name.removeprefix("iter_")
-    return int(suffix) if suffix.isdigit() else None
 
 
 def _spread(uids: pa.Array, n: int) -> list[str]:

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from spin_ray.config import Config
+from spin_ray.rundir import RunDir, write_atomic
 
 
 class Tracker:
     def __init__(self, cfg: Config, output_dir: Path, resume_from: int = 0):
-        self.path = output_dir / "metrics.jsonl"
+        self.path = RunDir(output_dir).metrics
         if self.path.exists():  # lines of an iteration that did not finish are logged again
             kept = [line for line in read_metrics(output_dir) if line.get("iteration", -1) < resume_from]
-            self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+            write_atomic(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         self.run = None
         mode = cfg.run.wandb_mode
         if mode == "auto":
@@ -54,9 +55,9 @@ class Tracker:
 
 
 def _run_id(output_dir: Path) -> str:
-    id_file = output_dir / "wandb_run_id"
+    id_file = RunDir(output_dir).wandb_id
     if not id_file.exists():
-        id_file.write_text(uuid.uuid4().hex[:12])
+        write_atomic(id_file, uuid.uuid4().hex[:12])
     return id_file.read_text().strip()
 
 
@@ -64,7 +65,7 @@ def read_metrics(output_dir: str | Path, problems: list[str] | None = None) -> l
     """The lines of `metrics.jsonl`; one the job died while writing is left out (and noted in
     `problems`), so a crashed run still resumes, reports and compares."""
     lines = []
-    for n, line in enumerate((Path(output_dir) / "metrics.jsonl").read_text().splitlines(), 1):
+    for n, line in enumerate(RunDir(output_dir).metrics.read_text().splitlines(), 1):
         try:
             lines.append(json.loads(line))
         except json.JSONDecodeError:
@@ -75,5 +76,5 @@ def read_metrics(output_dir: str | Path, problems: list[str] | None = None) -> l
 
 def record_event(output_dir: str | Path, kind: str, **fields: Any) -> None:
     """Appends one fault or recovery to `events.jsonl`: what failed, when, how long recovery took."""
-    with (Path(output_dir) / "events.jsonl").open("a") as f:
+    with RunDir(output_dir).events.open("a") as f:
         f.write(json.dumps({"time": time.time(), "kind": kind} | fields) + "\n")

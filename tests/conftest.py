@@ -67,7 +67,8 @@ def toy_run(ray_session, toy, tmp_path_factory):
     from helpers import free_port, poll_live, repeated_records_file, toy_config
     from ray import serve
 
-    from spin_ray.coordinator import prepare, run_job
+    from spin_ray.driver.job import run_job
+    from spin_ray.driver.prepare import prepare
 
     root = tmp_path_factory.mktemp("job")
     train = repeated_records_file(toy, root / "train.jsonl")
@@ -86,3 +87,11 @@ def toy_run(ray_session, toy, tmp_path_factory):
         poller.join()
         serve.shutdown()  # the next test that serves starts Serve on its own port
     return root / "run", *summaries
+
+
+def pytest_collection_modifyitems(items):
+    """The e2e tier: every test that needs a Ray cluster or a vLLM engine (the shared session, the
+    reference run, or a Ray head of its own). `pytest -m "not e2e"` runs the rest in seconds."""
+    for item in items:
+        if {"ray_session", "toy_run"} & set(item.fixturenames) or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)

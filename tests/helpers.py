@@ -5,15 +5,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM
 
-from spin_ray.config import load_config
+from spin_ray.cluster import free_port  # noqa: F401 - the tests take it from here
+from spin_ray.config import Config, load_config
 from spin_ray.data import pad_pairs
-from spin_ray.health import Engines
+from spin_ray.engines.client import Engines
 from spin_ray.loss import sequence_logps
-from spin_ray.testbed import free_port  # noqa: F401 - the tests take it from here
-from spin_ray.training import Trainer
+from spin_ray.pairs import PairStream, pair_stream
+from spin_ray.trainer.supervisor import Trainer
 
 
 def prompt_ids(tok, question: str, system: str | None = None) -> list[int]:
@@ -143,9 +145,23 @@ def make_trainer(toy, out_dir, *overrides: str) -> Trainer:
     return trainer
 
 
-def make_engines(toy, *overrides: str, max_model_len: int = 256) -> Engines:
-    """A started engine pool on the toy model (fp32, small KV cache)."""
+def make_engines(toy, *overrides: str, max_model_len: int = 256) -> tuple[Engines, Config]:
+    """Started engines on the toy model (fp32, small KV cache), and their config."""
     cfg = load_config(None, ["generation.kv_cache_gib=0.25", "generation.max_tokens=8", *overrides])
     engines = Engines(cfg, str(toy.model_dir), max_model_len)
     engines.wait_ready()
-    return engines
+    return engines, cfg
+
+
+def stream_of(
+    table: pa.Table, pairs_dir: Path, seed: int = 1, window: int = 16, batch_size: int = 8, score=None
+) -> PairStream:
+    """`table`'s pairs stored as one iteration's parquet part, as the stream training reads."""
+    pairs_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, pairs_dir / "part-000000.parquet")
+    return pair_stream([pairs_dir], None, seed, window, batch_size, score)
+
+
+def dealt(stream: PairStream, ranks: int, epochs: int = 1) -> list[list[list[str]]]:
+    """Per step, per rank, the uids the stream gives it."""
+    return [[table["uid"].to_pylist() for table in step] for step in stream.steps(ranks, epochs)]

@@ -15,10 +15,12 @@ import yaml
 
 from spin_ray.comparison import ComparisonError, check_comparable, format_table, load, summarize
 from spin_ray.config import load_config
-from spin_ray.coordinator import Coordinator, prepare
 from spin_ray.data import pad_pairs
-from spin_ray.evaluation import answer_metrics, distinct_n, load_hooks, run_hooks
+from spin_ray.driver.prepare import prepare
+from spin_ray.loop.coordinator import Coordinator
+from spin_ray.loop.generate import write_prompts
 from spin_ray.loss import sequence_logps, sft_loss
+from spin_ray.metrics import answer_metrics, distinct_n, load_hooks, run_hooks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,23 +38,28 @@ def test_sft_loss_is_the_token_mean_nll_of_the_real_answers():
 
 
 def test_sft_arm_trains_on_the_same_rows_in_the_same_order(toy, tmp_path):
-    """Iteration t's training table: SPIN's pairs of t and t-1 and the SFT arm's real answers
-    are the same prompts and real answers, row for row, so both take the same steps."""
-    tables = {}
+    """Iteration t's stream: SPIN's pairs of t and t-1 and the SFT arm's real answers are the same
+    prompts and real answers, step for step and rank for rank, so both take the same steps."""
+    steps = {}
     for arm in ("spin", "sft"):
         out = tmp_path / arm
         cfg = load_config(ROOT / "configs" / "toy.yaml", [f"run.output_dir={out}", f"spin.objective={arm}"])
         coordinator = Coordinator(cfg, prepare(cfg))
-        for t in (1, 2, 3):  # pairs as the engines would leave them: in the order they finished
-            rows = pq.read_table(coordinator.p.train.path, columns=["uid", "prompt_ids", "real_ids"]).to_pylist()
-            rows = [r | {"generated_ids": [t, 2]} for r in reversed(rows)]
+        for t in (1, 2, 3):  # pairs as the engines leave them: iteration t's prompt files plus y'
+            parts = write_prompts(coordinator.p.train, cfg.run.seed, t, out / "prompts" / str(t), 128)
             (out / f"iter_{t}" / "pairs").mkdir(parents=True)
-            pq.write_table(pa.Table.from_pylist(rows), out / f"iter_{t}" / "pairs" / "pairs.parquet")
-        tables[arm] = [coordinator.training_table(t) for t in (1, 2, 3)]
-    for spin, sft in zip(tables["spin"], tables["sft"], strict=True):
-        assert sft.column_names == ["uid", "prompt_ids", "real_ids"]
-        assert spin.select(sft.column_names).equals(sft)
-    assert [t.num_rows for t in tables["sft"]] == [500, 1000, 1000]  # mix_previous=1
+            for part in parts:
+                table = pq.read_table(part)
+                generated = pa.array([[t, 2]] * table.num_rows)
+                pq.write_table(table.append_column("generated_ids", generated), out / f"iter_{t}" / "pairs" / part.name)
+        steps[arm] = [list(coordinator.training_set(t, None, None).steps(2)) for t in (1, 2, 3)]
+    columns = ["uid", "prompt_ids", "real_ids"]
+    for spin, sft in zip(steps["spin"], steps["sft"], strict=True):
+        assert len(spin) == len(sft)
+        for spin_step, sft_step in zip(spin, sft, strict=True):
+            for spin_rank, sft_rank in zip(spin_step, sft_step, strict=True):
+                assert sft_rank.column_names == columns and spin_rank.select(columns).equals(sft_rank)
+    assert [sum(r.num_rows for step in it for r in step) for it in steps["sft"]] == [500, 1000, 1000]  # mix_previous=1
 
 
 def test_held_out_metrics_on_known_answers():

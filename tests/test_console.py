@@ -5,7 +5,8 @@ import subprocess
 import sys
 import textwrap
 
-from spin_ray.console import Console, Progress, iteration_line, table
+from spin_ray.driver.console import Console
+from spin_ray.loop.progress import Progress, iteration_line, table
 
 
 def events(progress: Progress, times: list[float]) -> list[dict]:
@@ -90,7 +91,7 @@ def test_capture_output_sends_c_level_output_to_the_named_log(tmp_path):
     script = textwrap.dedent(
         """
         import os, sys
-        from spin_ray.console import capture_output, name_log
+        from spin_ray.logs import capture_output, name_log
         capture_output()
         print("from python", flush=True)
         os.write(2, b"from C\\n")

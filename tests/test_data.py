@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from spin_ray.data import ROW_GROUP, DataError, encode, load_sft, read_sft, write_permuted, write_training_set
-from spin_ray.generation import sample_seed
-from spin_ray.toy import make_tokenizer
+from spin_ray.loop.generate import sample_seed
+from spin_ray.toy_model import make_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,26 +220,12 @@ def test_job_rejects_bad_config_before_ray(tmp_path):
     assert proc.returncode == 2 and "train.zero_stage" in proc.stderr
 
 
-def test_training_order_does_not_depend_on_the_order_pairs_were_written():
-    """Engines finish batches in any order; with 6,000 prompts over 2 engines two seeded runs
-    trained on differently ordered pairs before the order was made canonical."""
-    from spin_ray.coordinator import shuffled
-
-    rows = [{"uid": f"u{i:04d}", "generated_ids": [i]} for i in range(300)]
-    as_written = [pa.Table.from_pylist(rows[:200]), pa.Table.from_pylist(rows[200:])]
-    other = [pa.Table.from_pylist(rows[:200][::-1]), pa.Table.from_pylist(rows[200:][37:] + rows[200:][:37])]
-    first, second = shuffled(as_written, seed=3), shuffled(other, seed=3)
-    assert first.to_pylist() == second.to_pylist() and first.num_rows == 300
-    assert first["uid"].to_pylist() != sorted(first["uid"].to_pylist())  # shuffled, not just sorted
-    assert shuffled(as_written, seed=4)["uid"].to_pylist() != first["uid"].to_pylist()
-
-
 def test_resume_trusts_only_complete_artifacts(tmp_path, toy):
     """A crash leaves half-written files: a resumed run keeps what is whole and redoes the rest."""
     import shutil
 
     from spin_ray.config import load_config
-    from spin_ray.resume import resume_point
+    from spin_ray.loop.resume import resume_point
 
     out = tmp_path / "run"
     cfg = load_config(None, [f"run.output_dir={out}", "spin.iterations=3"])

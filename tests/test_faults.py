@@ -21,8 +21,7 @@ import pytest
 import torch
 from helpers import ROOT
 from safetensors.torch import load_file
-
-from spin_ray.testbed import FakeCluster
+from testbed import FakeCluster
 
 SETTINGS = [  # the reference run's settings (helpers.toy_config), as command-line overrides
     "generation.temperature=0",
@@ -91,7 +90,7 @@ def scenario(toy_run):
             seen["engine_nodes"] |= {a.node_id for a in cluster.actors("Engine")}
             seen["worker_nodes"] |= {a.node_id for a in cluster.actors("RayTrainWorker")}
 
-        # No --working-dir on a fake cluster (see spin_ray.testbed): the code is the editable install.
+        # No --working-dir on a fake cluster (see tests/testbed.py): the code is the editable install.
         cluster.ray("job", "submit", "--no-wait", *command)
         # Job A. Fault 1: freeze both engines as soon as the first generation starts (the start
         # model's evaluation waits for its first pairs), then kill them mid-batch.

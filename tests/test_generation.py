@@ -11,9 +11,8 @@ import torch
 from helpers import hf_greedy, make_engines, perturbed, prompt_ids
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray.config import GenerationConfig
-from spin_ray.generation import start_engines, through_engines
-from spin_ray.sync import pack
+from spin_ray.engines.client import through_engines
+from spin_ray.weights import pack
 
 MAX_LEN = 256
 
@@ -25,9 +24,11 @@ def tok(toy):
 
 @pytest.fixture(scope="module")
 def engines(ray_session, toy):
-    pool = make_engines(toy, "generation.num_engines=2", "generation.temperature=1.0", "generation.batch_size=16")
-    yield pool.cfg.generation, pool.list(), pool.pool
-    pool.shutdown()
+    engines, cfg = make_engines(
+        toy, "generation.num_engines=2", "generation.temperature=1.0", "generation.batch_size=16"
+    )
+    yield cfg.generation, engines.all(), engines
+    engines.shutdown()
 
 
 def test_stream_200_prompts_over_two_engines(engines, tok, ray_session):
@@ -35,7 +36,7 @@ def test_stream_200_prompts_over_two_engines(engines, tok, ray_session):
     rows = [
         {"uid": f"p{i}", "prompt_ids": prompt_ids(tok, f"{10 + i % 90}+{i % 77 + 10}="), "seed": i} for i in range(200)
     ]
-    out = through_engines(pa.Table.from_pylist(rows), pool, cfg).take_all()
+    out = through_engines(pa.Table.from_pylist(rows), pool.generate, cfg).take_all()
     assert len(out) == 200 and len({r["uid"] for r in out}) == 200
     for r in out:
         ids = r["generated_ids"]
@@ -54,7 +55,7 @@ def test_seeded_sampling_of_long_prompts_on_cpu(engines, tok):
         for i in range(260)
     ]
     assert min(len(r["prompt_ids"]) for r in rows) >= 128
-    out = through_engines(pa.Table.from_pylist(rows), pool, cfg.model_copy(update={"batch_size": 256}))
+    out = through_engines(pa.Table.from_pylist(rows), pool.generate, cfg.model_copy(update={"batch_size": 256}))
     assert sorted(r["uid"] for r in out.take_all()) == sorted(r["uid"] for r in rows)
 
 
@@ -103,8 +104,8 @@ def test_hot_swap_matches_hf_greedy_of_new_weights(engines, tok, toy, ray_sessio
 
 def test_bf16_engine_takes_fp32_weights_then_shuts_down_clean(ray_session, toy, tok):
     shm_before = set(os.listdir("/dev/shm"))
-    cfg = GenerationConfig(num_engines=1, temperature=0.0, max_tokens=8, kv_cache_gib=0.25)
-    (engine,) = start_engines(str(toy.model_dir), "bfloat16", cfg, MAX_LEN, seed=0)
+    engines, _ = make_engines(toy, "model.dtype=bfloat16", "generation.temperature=0", max_model_len=MAX_LEN)
+    (engine,) = engines.all()
     try:
         old = AutoModelForCausalLM.from_pretrained(toy.model_dir, dtype=torch.float32).eval()
         new = perturbed(toy.model_dir, seed=2, scale=0.2)
@@ -126,8 +127,7 @@ def test_bf16_engine_takes_fp32_weights_then_shuts_down_clean(ray_session, toy, 
         assert np.abs(got - want_new).max() < 0.2 * np.abs(want_old - want_new).max()
     finally:
         pid = ray_session.get(engine.ready.remote())["pid"]
-        ray_session.get(engine.shutdown.remote())
-        ray_session.kill(engine)
+        engines.shutdown()
     # Clean shutdown: the engine's process is gone and it left nothing in /dev/shm.
     deadline = time.monotonic() + 30
     while psutil.pid_exists(pid) and time.monotonic() < deadline:

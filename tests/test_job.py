@@ -133,6 +133,7 @@ def test_notebook_executes(run):
     assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
 
 
+@pytest.mark.e2e
 def test_ray_job_submit_against_a_local_head(tmp_path):
     """`ray job submit -- python jobs/spin.py` against our own head, on its own ports and temp dir."""
     bin_dir = Path(sys.executable).parent

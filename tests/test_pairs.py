@@ -58,7 +58,7 @@ def test_stream_from_the_engines_replays_exactly_from_disk(tmp_path):
     live = pair_stream([tmp_path / "iter_1" / "pairs"], generation, seed=7, window=16, batch_size=4)
     assert live.total == 62
     streamed = list(live.steps(2))
-    assert generation.wait()["gen/tokens_per_s"] > 0
+    assert generation.wait().metrics()["gen/tokens_per_s"] > 0
     (tmp_path / "iter_2" / "pairs.tmp").rename(tmp_path / "iter_2" / "pairs")
     stored = [tmp_path / "iter_1" / "pairs", tmp_path / "iter_2" / "pairs"]
     replayed = list(pair_stream(stored, None, seed=7, window=16, batch_size=4).steps(2))

@@ -13,9 +13,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from spin_ray import plan
 from spin_ray.config import load_config
-from spin_ray.coordinator import prepare
+from spin_ray.driver import estimate, placement, plan
+from spin_ray.driver.prepare import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_7B = {
@@ -90,7 +90,9 @@ def on_gpu_node(monkeypatch):
         node = {"CPU": 8.0 * gpus, "GPU": float(gpus)}
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
         monkeypatch.setattr(
-            plan, "local_cluster", lambda cfg: plan.Cluster("a test node", [node], gpu_gib=80.0, gpu_source="the test")
+            plan,
+            "local_cluster",
+            lambda cfg: placement.Cluster("a test node", [node], gpu_gib=80.0, gpu_source="the test"),
         )
 
     return use
@@ -146,17 +148,17 @@ def test_7b_shape_dry_run_without_weights(model_7b, tmp_path):
 
 
 def test_7b_memory_matches_deepspeed(model_7b, tmp_path):
-    shape = plan.model_shape(str(model_7b))
+    shape = estimate.model_shape(str(model_7b))
     p = 6_738_415_616
     assert (shape.params, shape.largest_layer) == (p, 32000 * 4096)  # the embedding is the largest layer
     cfg = shaped_config(model_7b, tmp_path, "train.optimizer=adamw", "train.zero_stage=2")
-    states = plan.training_memory(cfg, shape)["model states"]
+    states = estimate.training_memory(cfg, shape)["model states"]
     assert states == 2 * p + int(18 * p / 8)  # DeepSpeed's ZeRO-2 formula: bf16 + Adam, unchanged
     assert states / GIB == pytest.approx(26.7, abs=0.1)
     cfg = shaped_config(model_7b, tmp_path, "train.optimizer=rmsprop", "train.zero_stage=2")
-    assert plan.training_memory(cfg, shape)["model states"] == pytest.approx(states - 4 * p / 8)  # 1 state, not 2
+    assert estimate.training_memory(cfg, shape)["model states"] == pytest.approx(states - 4 * p / 8)  # 1 state, not 2
     cfg = shaped_config(model_7b, tmp_path, "train.optimizer=adamw", "train.zero_stage=3")
-    memory = plan.training_memory(cfg, shape)
+    memory = estimate.training_memory(cfg, shape)
     assert memory["model states"] == 4 * 32000 * 4096 + int(18 * p / 8)  # 14.6 GiB
     assert memory["reference"] == 2 * p / 8  # bf16, partitioned over 8 ranks
     # 2 x 8 sequences x 1024 tokens: checkpointed layer inputs (32 layers) plus one layer in full.
@@ -194,11 +196,11 @@ def test_70b_on_one_gpu_warns_and_exits_1(model_70b, tmp_path, on_gpu_node, caps
 def test_sft_baseline_plans_no_generation_and_no_reference(model_7b, tmp_path, on_gpu_node, capsys):
     spin = shaped_config(model_7b, tmp_path, "train.zero_stage=2")
     sft = shaped_config(model_7b, tmp_path, "train.zero_stage=2", "spin.objective=sft")
-    shape = plan.model_shape(str(model_7b))
-    spin_memory, sft_memory = plan.training_memory(spin, shape), plan.training_memory(sft, shape)
+    shape = estimate.model_shape(str(model_7b))
+    spin_memory, sft_memory = estimate.training_memory(spin, shape), estimate.training_memory(sft, shape)
     assert "reference" in spin_memory and "reference" not in sft_memory
     assert sft_memory["activations"] == spin_memory["activations"] / 2  # one sequence per row, not two
-    assert plan.schedule(sft, 40) == plan.schedule(spin, 40)  # the same steps, by design
+    assert estimate.schedule(sft, 40) == estimate.schedule(spin, 40)  # the same steps, by design
     on_gpu_node(12)
     assert plan.dry_run(sft, prepare(sft, dry_run=True)) == 0
     assert "generate     nothing: spin.objective=sft" in capsys.readouterr().out
@@ -206,7 +208,7 @@ def test_sft_baseline_plans_no_generation_and_no_reference(model_7b, tmp_path, o
 
 def test_schedule_follows_deepspeed_accumulation():
     cfg = load_config(ROOT / "configs" / "toy.yaml", ["train.grad_accum=3", "train.num_workers=3"])
-    steps = plan.schedule(cfg, 500)
+    steps = estimate.schedule(cfg, 500)
     # 500 // 3 = 166 per rank -> 11 micro steps; then 333 -> 21. DeepSpeed counts micro steps over
     # the whole job, so optimizer steps fall at micro steps 3, 6, ... of 11, 32, 53.
     assert [(s.per_rank, s.micro_steps) for s in steps] == [(166, 11), (333, 21), (333, 21)]
@@ -217,22 +219,22 @@ def test_schedule_follows_deepspeed_accumulation():
 def test_placement_with_the_autoscaler_of_cluster_yaml():
     launcher = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     head = {"CPU": 8.0}
-    kinds, max_new = plan.launcher_node_types(launcher, [head])
+    kinds, max_new = placement.launcher_node_types(launcher, [head])
     assert {k.name: (k.resources["GPU"], k.more) for k in kinds} == {"gen_gpu": (4, 4), "train_gpu": (8, 4)}
     assert max_new == 8
-    cluster = plan.Cluster("cluster.yaml", [head], kinds, max_new)
+    cluster = placement.Cluster("cluster.yaml", [head], kinds, max_new)
     cfg = load_config(
         None,
         ["generation.num_gpus=1", "generation.num_engines=6", "generation.resource=gen_gpu"]
         + ["train.use_gpu=true", "train.num_workers=16", "train.resource=train_gpu"],
     )
-    outcome = plan.place(cluster, plan.groups(cfg))
+    outcome = placement.place(cluster, placement.groups(cfg))
     assert outcome == {
         "engines": (True, "OK, the autoscaler adds gen_gpu x2"),
         "workers": (True, "OK, the autoscaler adds train_gpu x2"),
     }
     cfg.train.num_workers = 40  # 5 train_gpu nodes, cluster.yaml allows 4
-    placed, why = plan.place(cluster, plan.groups(cfg))["workers"]
+    placed, why = placement.place(cluster, placement.groups(cfg))["workers"]
     assert not placed
     assert why == (
         "WARN: cannot be placed: needs {CPU 40, GPU 40, train_gpu 40}, cluster has {CPU 101, GPU 2, train_gpu 0} "
@@ -240,15 +242,15 @@ def test_placement_with_the_autoscaler_of_cluster_yaml():
     )
     cfg.train.num_workers = 8
     cfg.generation.tensor_parallel_size = 8  # one engine wants 8 GPUs; gen_gpu nodes have 4
-    placed, why = plan.place(cluster, plan.groups(cfg))["engines"]
+    placed, why = placement.place(cluster, placement.groups(cfg))["engines"]
     assert not placed and why.endswith("; no node holds one {CPU 0.5, GPU 8, gen_gpu 1}")
     # Without the autoscaler, the custom resource alone makes it unplaceable.
-    placed, why = plan.place(plan.Cluster("head only", [head]), plan.groups(cfg))["workers"]
+    placed, why = placement.place(placement.Cluster("head only", [head]), placement.groups(cfg))["workers"]
     assert not placed and "cluster has {CPU 8, GPU 0, train_gpu 0} (left after the engines)" in why
 
 
 def test_running_nodes_count_against_the_autoscaler():
     launcher = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     up = {"CPU": 96.0, "GPU": 8.0, "train_gpu": 8.0}
-    kinds, max_new = plan.launcher_node_types(launcher, [{"CPU": 8.0}, up, dict(up)])
+    kinds, max_new = placement.launcher_node_types(launcher, [{"CPU": 8.0}, up, dict(up)])
     assert {k.name: k.more for k in kinds} == {"gen_gpu": 4, "train_gpu": 2} and max_new == 6

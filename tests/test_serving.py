@@ -15,7 +15,7 @@ from helpers import LIVE_QUESTION, free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spin_ray.config import load_config
-from spin_ray.serving import checkpoints, serve_models
+from spin_ray.serve.app import checkpoints, serve_models
 from spin_ray.toy import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

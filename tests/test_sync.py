@@ -9,22 +9,25 @@ import psutil
 import pytest
 import ray
 import torch
-from helpers import hf_greedy, make_engines, make_trainer, prompt_ids
+from helpers import hf_greedy, make_engines, make_trainer, prompt_ids, stream_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray.sync import own_part, part_numel, plan_buckets, sync_weights
+from spin_ray.config import load_config
+from spin_ray.loop.sync import WeightSync
+from spin_ray.weights import own_part, part_numel, plan_buckets
+
+SYNCS = ("broadcast", "object_store")
 
 
 @pytest.fixture(scope="module")
 def world(ray_session, toy, tmp_path_factory, pairs):
     """2 fp32 engines and a 2-worker ZeRO-3 trainer joined in one weight-sync group."""
     out = tmp_path_factory.mktemp("sync")
-    settings = ("generation.num_engines=2", "generation.temperature=0", "sync.method=broadcast")
-    engines = make_engines(
-        toy, *settings, "sync.bucket_mb=0.0625", "sync.timeout_s=10", "generation.health_timeout_s=15"
-    )
+    settings = ("generation.num_engines=2", "generation.temperature=0", "sync.bucket_mb=0.0625", "sync.timeout_s=10")
+    engines, _ = make_engines(toy, *settings, "generation.health_timeout_s=15")
     trainer = make_trainer(toy, out, "train.zero_stage=3")
-    yield engines, trainer, out
+    syncs = {m: WeightSync(load_config(None, [*settings, f"sync.method={m}"]), engines, trainer) for m in SYNCS}
+    yield engines, trainer, out, syncs
     trainer.stop()
     engines.shutdown()
 
@@ -40,37 +43,38 @@ def engines_match_checkpoint(engines, model_dir, tok) -> None:
 
 
 def train_and_export(trainer, pairs, model_dir, pack: bool):
-    trainer.train(0, ray.data.from_arrow(pairs))
+    trainer.train(0, stream_of(pairs, model_dir.with_name(model_dir.name + "-pairs")))
     return trainer.export(model_dir, pack_weights=pack)
 
 
 def test_broadcast_then_object_store_serve_new_weights(world, pairs, toy):
-    engines, trainer, out = world
+    engines, trainer, out, syncs = world
     tok = AutoTokenizer.from_pretrained(toy.model_dir)
     train_and_export(trainer, pairs, out / "broadcast", pack=False)
-    report = engines.serve(str(out / "broadcast"), trainer, None)  # joins the group, then broadcasts
-    assert len(engines.plan) > 1 and len({b[0][2] for b in engines.plan}) == 1  # several fp32 buckets
-    assert report["sync/bytes"] > 100_000
-    engines_match_checkpoint(engines.list(), out / "broadcast", tok)
+    report = syncs["broadcast"](out / "broadcast", None)  # joins the group, then broadcasts
+    plan = syncs["broadcast"].plan
+    assert len(plan) > 1 and len({b[0][2] for b in plan}) == 1  # several fp32 buckets
+    assert report.bytes > 100_000
+    engines_match_checkpoint(engines.all(), out / "broadcast", tok)
 
     weights = train_and_export(trainer, pairs, out / "object_store", pack=True)
-    report = sync_weights("object_store", engines.list(), trainer, weights, [])
-    assert report["sync/bytes"] > 100_000
-    engines_match_checkpoint(engines.list(), out / "object_store", tok)
+    report = syncs["object_store"](out / "object_store", weights)
+    assert report.bytes > 100_000
+    engines_match_checkpoint(engines.all(), out / "object_store", tok)
 
 
 def test_engine_frozen_during_broadcast_is_replaced_and_all_serve_new_weights(world, pairs, toy):
     """SIGSTOP one engine just before a broadcast: the broadcast times out (sync.timeout_s=10), the
     frozen engine misses its health deadline (15 s) and is replaced, and every engine ends up
     serving the new checkpoint; the next sync re-forms the group with the replacement in it."""
-    engines, trainer, out = world
+    engines, trainer, out, syncs = world
     tok = AutoTokenizer.from_pretrained(toy.model_dir)
     train_and_export(trainer, pairs, out / "after_loss", pack=False)
-    victim = ray.get(engines.list()[1].ready.remote())["pid"]
+    victim = ray.get(engines.all()[1].ready.remote())["pid"]
     os.kill(victim, signal.SIGSTOP)
     frozen_at = time.time()
-    report = engines.serve(str(out / "after_loss"), trainer, None)
-    assert report["sync/recovered"] == 1.0  # the broadcast broke; every engine reloaded from disk
+    report = syncs["broadcast"](out / "after_loss", None)
+    assert report.bytes is None  # the broadcast broke; every engine reloaded from disk
     events = engines.stats()["engine_replacements"]
     (frozen,) = [e for e in events if e["old_pid"] == victim]
     assert "no answer to a health ping within 15" in frozen["cause"]
@@ -78,10 +82,10 @@ def test_engine_frozen_during_broadcast_is_replaced_and_all_serve_new_weights(wo
     # The survivor may have taken half the buckets into vLLM's layerwise reload, which then cannot
     # reload again: it is replaced too, never left serving half-updated weights.
     assert len(events) <= 2 and engines.stats()["engine_starts"] == 2 + len(events)
-    engines_match_checkpoint(engines.list(), out / "after_loss", tok)
+    engines_match_checkpoint(engines.all(), out / "after_loss", tok)
     train_and_export(trainer, pairs, out / "next", pack=False)
-    assert "sync/recovered" not in engines.serve(str(out / "next"), trainer, None)
-    engines_match_checkpoint(engines.list(), out / "next", tok)
+    assert syncs["broadcast"](out / "next", None).bytes is not None
+    engines_match_checkpoint(engines.all(), out / "next", tok)
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
 
 

@@ -12,56 +12,61 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from helpers import hf_logps, make_trainer
+from helpers import dealt, hf_logps, make_trainer, stream_of
 from safetensors.torch import load_file
 
 from spin_ray.pairs import pair_stream
-from spin_ray.training import TrainerError
+from spin_ray.trainer.supervisor import TrainerError
 
 
 def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs, tmp_path):
     trainer = make_trainer(toy, tmp_path, "train.zero_stage=3", "train.epochs=2", "spin.stream=false")
     try:
-        first = trainer.train(1, ray.data.from_arrow(pairs))
-        step1 = first["logs"][0]
+        first = trainer.train(1, stream_of(pairs, tmp_path / "pairs"))
+        step1 = first.logs[0]
         real, generated = hf_logps(toy.model_dir, pairs)
         # 16 pairs, 8 per rank, one micro batch each: step 1 sees every pair, policy == reference.
         assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert step1["logps/real"] == pytest.approx(real.mean(), abs=1e-5)
         assert step1["logps/generated"] == pytest.approx(generated.mean(), abs=1e-5)
         assert step1["rewards/margins"] == 0
-        assert first["logs"][1]["loss"] < math.log(2)  # step 2 moved away from the reference
+        assert first.logs[1]["loss"] < math.log(2)  # step 2 moved away from the reference
 
         trainer.export(tmp_path / "iter_1" / "model")
-        trained = trainer.score(pairs)
         exported_real, exported_gen = hf_logps(tmp_path / "iter_1" / "model", pairs)
-        got = np.array([trained[u] for u in pairs["uid"].to_pylist()])
-        np.testing.assert_allclose(got[:, 0], exported_real, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(got[:, 1], exported_gen, atol=1e-5, rtol=0)
         assert np.abs(exported_real - real).max() > 1e-3  # training changed the weights
 
-        second = trainer.train(2, ray.data.from_arrow(pairs))
-        # The reference is now the exported p_1: the first step of iteration 2 is log(2) again.
-        assert second["logs"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-        assert second["logs"][0]["logps/real"] == pytest.approx(exported_real.mean(), abs=1e-5)
-        assert {first["pid"], second["pid"]} <= set(trainer.pids) and len(set(trainer.pids)) == 2
+        second = trainer.train(2, stream_of(pairs, tmp_path / "pairs"))
+        # The reference is now the exported p_1: the first step of iteration 2 is log(2) again, and
+        # the policy's log-probs (before its first update) are the exported checkpoint's.
+        assert second.logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert second.logs[0]["logps/real"] == pytest.approx(exported_real.mean(), abs=1e-5)
+        assert second.logs[0]["logps/generated"] == pytest.approx(exported_gen.mean(), abs=1e-5)
+        assert {first.pid, second.pid} <= set(trainer.pids) and len(set(trainer.pids)) == 2
         assert trainer.restarts == [] and trainer.generation == 1
     finally:
         trainer.stop()
 
 
 def test_zero2_engine_reference_odd_pairs_same_workers(ray_session, toy, pairs, tmp_path):
+    """spin.reference=engines: the reference log-probs come with the rows (here HF's, added where
+    the coordinator adds the engines'), and the first step's loss is log 2."""
     real, generated = hf_logps(toy.model_dir, pairs)
-    odd = pairs.slice(0, 7)
-    with_ref = odd.append_column("ref_real_logps", pa.array(real[:7])).append_column(
-        "ref_generated_logps", pa.array(generated[:7])
-    )
+    ref = dict(zip(pairs["uid"].to_pylist(), zip(real, generated, strict=True), strict=True))
+
+    def with_reference(rows):
+        for row in rows:
+            yield row | {"ref_real_logps": ref[row["uid"]][0], "ref_generated_logps": ref[row["uid"]][1]}
+
     trainer = make_trainer(toy, tmp_path, "train.zero_stage=2", "spin.reference=engines", "train.batch_size=2")
     try:
         pids = set(trainer.pids)
         for t in (1, 2):
-            result = trainer.train(t, ray.data.from_arrow(with_ref))  # 7 pairs on 2 ranks: no hang
-            assert result["steps"] == 2 and result["pid"] in pids  # 3 pairs per rank, batches of 2
+            odd = stream_of(pairs.slice(0, 7), tmp_path / "pairs", batch_size=2, score=with_reference)
+            result = trainer.train(t, odd)  # 7 pairs on 2 ranks: no hang
+            assert result.steps == 2 and result.pid in pids  # 3 pairs per rank, batches of 2
+            if t == 1:
+                assert result.logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert set(trainer.pids) == pids
     finally:
         trainer.stop()
@@ -71,12 +76,16 @@ def test_sft_arm_exact_nll_and_the_same_steps(ray_session, toy, pairs, tmp_path)
     """The baseline: the same rows and optimizer steps as SPIN (test above: 2 epochs -> 2 steps),
     its loss the token-mean NLL of the real answers, on each rank's 8 rows, averaged over ranks."""
     real, _ = hf_logps(toy.model_dir, pairs)
-    tokens = np.array([len(r) for r in pairs["real_ids"].to_pylist()])
-    nll = [-real[half].sum() / tokens[half].sum() for half in (slice(0, 8), slice(8, 16))]
+    by_uid = dict(
+        zip(pairs["uid"].to_pylist(), zip(real, map(len, pairs["real_ids"].to_pylist()), strict=True), strict=True)
+    )
+    stream = stream_of(pairs.select(["uid", "prompt_ids", "real_ids"]), tmp_path / "pairs")
+    first_step = dealt(stream, 2)[0]
+    nll = [-sum(by_uid[u][0] for u in rank) / sum(by_uid[u][1] for u in rank) for rank in first_step]
     trainer = make_trainer(toy, tmp_path, "spin.objective=sft", "train.zero_stage=2", "train.epochs=2")
     try:
-        result = trainer.train(1, ray.data.from_arrow(pairs.select(["uid", "prompt_ids", "real_ids"])))
-        assert result["steps"] == 2 and set(result["logs"][0]) == {
+        result = trainer.train(1, stream)
+        assert result.steps == 2 and set(result.logs[0]) == {
             "iteration",
             "step",
             "epoch",
@@ -84,18 +93,17 @@ def test_sft_arm_exact_nll_and_the_same_steps(ray_session, toy, pairs, tmp_path)
             "loss",
             "logps/real",
         }
-        assert result["logs"][0]["loss"] == pytest.approx(np.mean(nll), abs=1e-6)
-        assert result["logs"][0]["logps/real"] == pytest.approx(real.mean(), abs=1e-5)
-        assert result["logs"][1]["loss"] != result["logs"][0]["loss"]  # step 2 sees the weights step 1 moved
+        assert result.logs[0]["loss"] == pytest.approx(np.mean(nll), abs=1e-6)
+        assert result.logs[0]["logps/real"] == pytest.approx(real.mean(), abs=1e-5)
+        assert result.logs[1]["loss"] != result.logs[0]["loss"]  # step 2 sees the weights step 1 moved
     finally:
         trainer.stop()
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["dataset", "stream"])
-def test_worker_killed_mid_training_restarts_and_ends_with_equal_weights(ray_session, toy, pairs, tmp_path, stream):
+def test_worker_killed_mid_training_restarts_and_ends_with_equal_weights(ray_session, toy, pairs, tmp_path):
     """SIGKILL a train rank mid-iteration: Ray Train restarts the group, the new workers load p_t
-    (the last exported checkpoint) and the iteration runs again (a stream: replayed from its first
-    pair); fp32 weights equal bit for bit."""
+    (the last exported checkpoint) and the stream is replayed from its first pair; fp32 weights
+    equal bit for bit."""
     many = pa.concat_tables([pairs] * 8)  # 128 pairs, 32 steps per rank: time to kill mid-way
     many = many.set_column(0, "uid", pa.array([f"{u}-{i}" for i, u in enumerate(many["uid"].to_pylist())]))
     stored = tmp_path / "iter_1" / "pairs"
@@ -110,15 +118,14 @@ def test_worker_killed_mid_training_restarts_and_ends_with_equal_weights(ray_ses
             killer = threading.Thread(target=kill_rank_mid_training, args=(trainer, 1)) if fault else None
             if killer:
                 killer.start()
-            data = pair_stream([stored], None, 1, 16, 2) if stream else ray.data.from_arrow(many)
-            result = trainer.train(1, data)
+            result = trainer.train(1, pair_stream([stored], None, 1, 16, 2))
             if killer:
                 killer.join()
             trainer.export(tmp_path / str(fault) / "model")
             exported[fault] = load_file(tmp_path / str(fault) / "model" / "model.safetensors")
         finally:
             trainer.stop()
-        assert result["steps"] == 32
+        assert result.steps == 32
     assert len(trainer.restarts) == 1 and trainer.restarts[0]["during"] == "train"
     assert trainer.generation == 2 and not set(trainer.pids) & set(trainer.restarts[0]["pids"])
     assert exported[True].keys() == exported[False].keys()
@@ -136,7 +143,7 @@ def test_stream_of_an_odd_count_gives_both_ranks_the_same_steps(ray_session, toy
     try:
         for t in (1, 2):
             result = trainer.train(t, pair_stream([stored], None, t, 4, 2))
-            assert result["steps"] == 2 and result["logs"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+            assert result.steps == 2 and result.logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert trainer.restarts == []
     finally:
         trainer.stop()
@@ -146,7 +153,7 @@ def kill_rank_mid_training(trainer, rank: int) -> None:
     """Waits until `rank` reports a training step past the first few, then SIGKILLs its process."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        done, _ = ray.get(trainer.channel.poll.remote(-1))["steps"].get(rank, (0, 0))
+        done, _ = ray.get(trainer.channel.poll.remote(-1)).steps.get(rank, (0, 0))
         if done >= 4:
             os.kill(trainer.pids[rank], signal.SIGKILL)
             return
@@ -160,8 +167,8 @@ def test_frozen_worker_is_reported_with_what_each_rank_was_doing(ray_session, to
         os.kill(trainer.pids[1], signal.SIGSTOP)  # rank 0 then waits for it in the first collective
         tick = time.monotonic()
         with pytest.raises(TrainerError, match=r"stalled while running 'train'") as e:
-            trainer.train(1, ray.data.from_arrow(pairs))
-        assert 5 < time.monotonic() - tick < 60  # 5 s of silence, plus Ray Data's split on a busy machine
+            trainer.train(1, stream_of(pairs, tmp_path / "pairs"))
+        assert 5 < time.monotonic() - tick < 60  # 5 s of silence, on a busy machine
         assert f"rank 1 (pid {trainer.pids[1]}) silent for" in str(e.value) and "train.stall_timeout_s" in str(e.value)
     finally:
         for pid in trainer.pids:

@@ -1,13 +1,12 @@
 """Engines that keep serving: liveness checks, deadlines, replacement, re-routed batches.
 
-The coordinator asks this room for "the engines, serving weights W" and never sees a restart.
 `EnginePool` (an async actor) owns the vLLM engine actors. It pings each one every few seconds
 on a side thread of the engine (its own concurrency group, so a long `generate` does not delay
 the answer); an engine that dies, or does not answer within `generation.health_timeout_s`
 (frozen, node gone), is killed and replaced by a new actor wherever Ray can place it (the
 autoscaler adds a node if needed), loaded with the weights the engines must serve at that moment.
-Work is handed out batch by batch (`acquire`), so a batch whose engine died is simply run again
-on another engine with the same rows and per-row seeds: exactly one result per prompt.
+Work is handed out batch by batch (`acquire`): callers never see the pool, only the `Engines`
+handle (spin_ray.engines.client), which runs a batch whose engine died again elsewhere.
 """
 
 from __future__ import annotations
@@ -19,12 +18,11 @@ from typing import Any
 
 import ray
 
-from spin_ray.config import Config, GenerationConfig
-from spin_ray.console import name_log
-from spin_ray.generation import launch_engine
-from spin_ray.sync import WeightSyncError, connect, plan_buckets, sync_weights
+from spin_ray.config import GenerationConfig
+from spin_ray.engines.engine import launch_engine
+from spin_ray.logs import name_log
+from spin_ray.private import actor_id
 from spin_ray.tracking import record_event
-from spin_ray.training import on_this_node
 
 
 @dataclass
@@ -85,7 +83,7 @@ class EnginePool:
                     "autoscaler adds nodes)"
                 )
             else:
-                self.slots[i] = Slot(handle, handle._actor_id.hex(), info)
+                self.slots[i] = Slot(handle, actor_id(handle), info)
                 self.pids.add(info["pid"])
             break
         if self.slots[i] is None:
@@ -215,57 +213,3 @@ class EnginePool:
         await asyncio.gather(*(h.shutdown.remote() for h in live), return_exceptions=True)
         for h in live:
             ray.kill(h, no_restart=True)
-
-
-class Engines:
-    """Coordinator-side handle: the engine pool plus the weight path into it."""
-
-    def __init__(self, cfg: Config, model_path: str, max_model_len: int):
-        self.cfg = cfg
-        # On the driver's node (the head): the pool needs no GPU node to exist, and a 0-CPU actor
-        # on a worker node would not stop the autoscaler from removing that node.
-        self.pool = EnginePool.options(scheduling_strategy=on_this_node()).remote(
-            model_path, cfg.model.dtype, cfg.generation, max_model_len, cfg.run.seed, cfg.run.output_dir
-        )
-        self.started = self.pool.start.remote()  # engines load while the trainer starts
-        self.connected: tuple[int, int] | None = None  # (pool, trainer) generations of the sync group
-        self.plan: list = []
-
-    def wait_ready(self) -> None:
-        ray.get(self.started)
-
-    def list(self) -> list[Any]:
-        return ray.get(self.pool.engines.remote())
-
-    def serve(self, path: str, trainer: Any, weights: Any) -> dict[str, float]:
-        """Returns once every engine serves the weights of checkpoint `path`, whatever fails meanwhile."""
-        tick = time.perf_counter()
-        ray.get(self.pool.set_weights.remote(path))  # replacements from now on load these
-        method = self.cfg.sync.method
-        try:
-            engines = self.list()
-            if method == "broadcast":
-                self._connect(trainer, engines)
-            return sync_weights(method, engines, trainer, weights, self.plan, path)
-        except WeightSyncError as e:
-            print(f"[health] {e}; every engine reloads {path} from disk", flush=True)
-            self.connected = None
-            ray.get(self.pool.reload.remote())
-            return {"sync/seconds": time.perf_counter() - tick, "sync/recovered": 1.0}
-
-    def _connect(self, trainer: Any, engines: list) -> None:
-        """(Re)builds the weight-sync group when an engine or the trainer group was replaced."""
-        now = (ray.get(self.pool.stats.remote())["generation"], trainer.generation)
-        if now == self.connected:
-            return
-        tp = self.cfg.generation.tensor_parallel_size if self.cfg.generation.num_gpus else 1
-        connect(trainer, engines, tp, self.cfg.sync.timeout_s)
-        if not self.plan:
-            self.plan = plan_buckets(trainer.wait_ready(), int(self.cfg.sync.bucket_mb * 2**20))
-        self.connected = now
-
-    def stats(self) -> dict[str, Any]:
-        return ray.get(self.pool.stats.remote())
-
-    def shutdown(self) -> None:
-        ray.get(self.pool.shutdown.remote())

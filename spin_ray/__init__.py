@@ -1,0 +1,1 @@
+"""spin-ray: SPIN (Self-Play fIne-tuNing) as one Ray job. A folder names the process that runs its modules."""

@@ -1,0 +1,26 @@
+"""The driver's side of a run: start the coordinator actor and follow it on the console."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from spin_ray.cluster import on_this_node
+from spin_ray.config import Config
+from spin_ray.driver.console import Console
+from spin_ray.loop.coordinator import Coordinator
+from spin_ray.stages import Prepared
+
+
+def run_job(
+    cfg: Config, prepared: Prepared, console: Console | None = None, marks: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Runs the coordinator as an actor on the driver's node (the head, under `ray job submit`),
+    so it needs no GPU node to exist; draws its progress and returns its summary."""
+    console = console or Console(Path(cfg.run.output_dir), tty=False)
+    # Two threads: `run` works while the driver's console polls `progress_since`.
+    actor = ray.remote(num_cpus=0, max_concurrency=2, scheduling_strategy=on_this_node())(Coordinator)
+    coordinator = actor.remote(cfg, prepared, marks)
+    return console.follow(coordinator.run.remote(), coordinator.progress_since.remote)

@@ -1,0 +1,93 @@
+"""Every cheap check before anything expensive starts, in the driver: config, model, data.
+
+`prepare()` loads the model's config and tokenizer (no weights), reads and validates every
+training record (all problems at once, with file, line and field) and streams the tokenized
+training set to `run.output_dir/data/train.parquet`; a dry run only counts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from spin_ray.config import Config
+from spin_ray.data import Example, TrainingSet, load_sft, read_sft, write_training_set
+from spin_ray.loop.resume import check_unchanged
+from spin_ray.metrics import load_hooks
+from spin_ray.rundir import RunDir
+from spin_ray.serve.gateway import key_digest
+from spin_ray.stages import Prepared
+
+# vLLM's CPU attention kernels reject other head sizes, and only after ~40 s of start-up.
+CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 256)
+
+
+def prepare(cfg: Config, dry_run: bool = False) -> Prepared:
+    """A dry run checks and counts the training data without writing it anywhere."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    load_hooks(cfg.eval.hooks)  # a typo in a hook's name fails now, not after the first iteration
+    toy = cfg.model.path == "toy"
+    model_path, train_path, eval_path = cfg.model.path, cfg.data.train_path, cfg.data.eval_path
+    if toy:
+        from spin_ray.toy import toy_world
+
+        world = toy_world(cfg.run.seed)
+        model_path = str(world.model_dir)
+        train_path = train_path or str(world.train_path)
+        eval_path = eval_path or str(world.eval_path)
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.path={model_path!r}: cannot load a Hugging Face model config/tokenizer ({e})") from e
+    if tokenizer.chat_template is None:
+        raise ValueError(f"model.path={model_path!r}: tokenizer has no chat_template; SPIN data is chat `messages`")
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    if cfg.generation.num_gpus == 0 and head_dim not in CPU_HEAD_DIMS:
+        raise ValueError(
+            f"model.path={model_path!r}: head_dim {head_dim} is not supported by vLLM on CPU {CPU_HEAD_DIMS}"
+        )
+    d = cfg.data
+    longest = max(d.max_response_tokens, cfg.generation.max_tokens)
+    max_model_len = cfg.generation.max_model_len or d.max_prompt_tokens + longest + 1
+    if max_model_len > getattr(model_config, "max_position_embeddings", max_model_len):
+        raise ValueError(
+            f"data.max_prompt_tokens + max(data.max_response_tokens, generation.max_tokens) = {max_model_len - 1} "
+            f"exceeds the model's max_position_embeddings ({model_config.max_position_embeddings}): lower them"
+        )
+    load = dict(
+        max_prompt_tokens=d.max_prompt_tokens, max_response_tokens=d.max_response_tokens, long_prompts=d.long_prompts
+    )
+    evaluation = load_sft(eval_path, tokenizer, **load) if eval_path else []
+    train = _training_set(cfg, read_sft(train_path, tokenizer, dedupe=d.dedupe, **load), dry_run)
+    digest = key_digest(os.environ.get(cfg.serve.api_key_env))
+    return Prepared(model_path, train, evaluation, toy, max_model_len, digest)
+
+
+def _training_set(cfg: Config, examples: Iterator[Example], dry_run: bool) -> TrainingSet:
+    """Writes the training set to run.output_dir/data/train.parquet (a dry run only counts it).
+    Bad data, or data other than a stored run's, leaves nothing behind: the file is written
+    beside the stored one and replaces it only once everything checks out."""
+    out = Path(cfg.run.output_dir)
+    fresh = not out.exists()
+    final = RunDir(out).train_data
+    tmp = None if dry_run else final.with_name(final.name + ".tmp")
+    try:
+        if tmp:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        train = write_training_set(examples, tmp, cfg.data.max_examples)
+        check_unchanged(cfg, train.fingerprint)
+    except BaseException:
+        if tmp:
+            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a data dir of our own making, now empty
+                tmp.parent.rmdir()
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return replace(train, path=tmp.replace(final)) if tmp else train

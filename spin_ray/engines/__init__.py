@@ -1,0 +1,1 @@
+"""The vLLM engine actors, their weight receiver, the health-checked pool and the handle on them."""

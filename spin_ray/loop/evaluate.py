@@ -1,0 +1,55 @@
+"""Held-out evaluation of the weights the engines serve now (p_t), beside the next iteration.
+
+Three passes over the held-out prompts through the job's own engines (a fresh sample y' per
+prompt, both answers scored, a greedy answer), turned into numbers by spin_ray.metrics, then the
+user's hooks.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pyarrow as pa
+
+from spin_ray.config import Config
+from spin_ray.engines.client import Engines
+from spin_ray.loop.generate import answered, example_rows
+from spin_ray.loop.progress import Progress
+from spin_ray.metrics import answer_metrics, load_hooks, run_hooks
+from spin_ray.stages import Prepared
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, prepared: Prepared, engines: Engines, progress: Progress):
+        self.cfg, self.p, self.engines, self.progress = cfg, prepared, engines, progress
+        self.hooks = load_hooks(cfg.eval.hooks)
+
+    def __call__(self, t: int, model_dir: str) -> dict[str, float]:
+        if not self.p.eval:
+            return run_hooks(self.hooks, model_dir, t, self.progress.say)
+        g = self.cfg.generation
+        table = example_rows(self.p.eval, self.cfg.run.seed)
+        n = table.num_rows
+        with self.progress.phase(t, "eval", 3 * n, "prompts") as advance:
+            sampled = pa.concat_tables(answered(table, self.engines.generate, g, advance))
+            columns = {"real_ids": "logp_real", "generated_ids": "logp_generated"}  # under p_t
+            score = partial(self.engines.score, columns=columns)
+            scored = pa.concat_tables(answered(sampled, score, g, lambda k: advance(n + k))).sort_by("uid")
+            greedy = partial(self.engines.generate, greedy=True)
+            answers = pa.concat_tables(answered(table, greedy, g, lambda k: advance(2 * n + k)))
+        by_uid = dict(zip(answers["uid"].to_pylist(), answers["generated"].to_pylist(), strict=True))
+        examples = sorted(self.p.eval, key=lambda e: e.uid)
+        greedy_answers = [by_uid[e.uid] for e in examples]
+        metrics = answer_metrics(
+            scored["logp_real"].to_numpy(),
+            scored["logp_generated"].to_numpy(),
+            [e.real_ids for e in examples],
+            scored["generated_ids"].to_pylist(),
+            greedy_answers,
+            [e.real for e in examples],
+        )
+        if self.p.toy:
+            from spin_ray.toy import toy_accuracy
+
+            metrics["eval/accuracy"] = toy_accuracy([e.prompt_messages for e in examples], greedy_answers)
+        return metrics | run_hooks(self.hooks, model_dir, t, self.progress.say)

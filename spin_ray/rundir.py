@@ -1,0 +1,92 @@
+"""The one place that knows a run directory's layout (`run.output_dir`):
+
+    config.yaml  data_fingerprint  data/train.parquet     what the run is: settings and data
+    iter_<t>/pairs/part-*.parquet                          (x, y, y') sampled from p_{t-1}
+    iter_<t>/model/  iter_<t>/DONE                         p_t as a HF checkpoint; DONE marks t finished
+    iter_<t>/pairs.tmp  prompts.tmp  model.tmp             work in progress (removed or completed on resume)
+    metrics.jsonl  events.jsonl  summary.json  report.html  logs/  wandb_run_id  ray_train/
+
+Every file that must never be read half-written goes through `write_atomic`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from pathlib import Path
+
+ITERATION = re.compile(r"iter_(\d+)$")
+TMP = ("pairs.tmp", "prompts.tmp", "model.tmp")  # an iteration's work in progress
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Whole or not at all, also across a power cut: temp file, fsync, rename, fsync the dir."""
+    # Named by process and thread: two writers of one file (the report) never share a temp file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def iteration_of(path: str | Path) -> int | None:
+    """t of an `iter_<t>` dir or of anything inside one (`.../iter_<t>/model`); None elsewhere."""
+    for part in reversed(Path(path).parts):
+        if found := ITERATION.match(part):
+            return int(found.group(1))
+    return None
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.fingerprint = self.root / "data_fingerprint"
+        self.train_data = self.root / "data" / "train.parquet"
+        self.metrics = self.root / "metrics.jsonl"
+        self.events = self.root / "events.jsonl"
+        self.summary = self.root / "summary.json"
+        self.report = self.root / "report.html"
+        self.logs = self.root / "logs"
+        self.wandb_id = self.root / "wandb_run_id"
+        self.ray_train = self.root / "ray_train"
+
+    def iteration(self, t: int) -> Path:
+        return self.root / f"iter_{t}"
+
+    def pairs(self, t: int) -> Path:
+        return self.iteration(t) / "pairs"
+
+    def pairs_tmp(self, t: int) -> Path:
+        """Iteration t's pairs while they are made; renamed to `pairs` once all are stored."""
+        return self.iteration(t) / "pairs.tmp"
+
+    def prompts_tmp(self, t: int) -> Path:
+        """Iteration t's prompts in their seeded order, as batch files (removed after t)."""
+        return self.iteration(t) / "prompts.tmp"
+
+    def model(self, t: int) -> Path:
+        return self.iteration(t) / "model"
+
+    def iterations(self) -> list[int]:
+        """Every t with an `iter_<t>` dir, in order."""
+        return sorted(t for d in self.root.glob("iter_*") if (t := iteration_of(d)) is not None)
+
+    def finished(self) -> list[int]:
+        """Every t whose DONE marker is there, in order."""
+        return [t for t in self.iterations() if (self.iteration(t) / "DONE").exists()]
+
+    def mark_done(self, t: int, global_step: int) -> None:
+        write_atomic(self.iteration(t) / "DONE", json.dumps({"global_step": global_step}))
+
+    def global_step(self, t: int) -> int:
+        """The global step stored with iteration t's DONE marker."""
+        return json.loads((self.iteration(t) / "DONE").read_text())["global_step"]

@@ -1,0 +1,1 @@
+"""Ray Serve: the gateway replica and the app builders."""

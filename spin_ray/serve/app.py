@@ -1,0 +1,140 @@
+"""An OpenAI-compatible endpoint for a run's checkpoints, on Ray Serve.
+
+Each served checkpoint is a Ray Serve LLM deployment (vLLM's async engine, `spin-iter-<t>`), so
+streaming, chat templates and sampling are vLLM's own; in front of them sits our gateway
+(spin_ray.serve.gateway).
+
+With `serve.live=true` the same ingress answers during a SPIN job from the job's own engines
+(model `spin-live`; each answer is named after the iteration whose weights gave it, e.g.
+`spin-live-iter-2`), so after every hot-swap it answers from the new weights.
+
+    python jobs/serve.py RUN_DIR --iteration all      # then: the `openai` client on /v1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from spin_ray.config import Config
+from spin_ray.engines.client import Engines
+from spin_ray.engines.engine import engine_env, engine_kwargs
+from spin_ray.private import model_card
+from spin_ray.rundir import RunDir
+from spin_ray.serve.gateway import Gateway, key_digest
+
+
+def checkpoints(path: str | Path, iteration: str = "latest") -> dict[str, Path]:
+    """{model name: HF dir}: `iteration` = N, `latest` or `all` of a run dir, or a plain HF dir."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return {path.name: path}
+    run = RunDir(path)
+    done = run.finished()
+    if not done:
+        raise ValueError(f"{path}: neither a HF model dir (config.json) nor a run dir with a finished iteration")
+    if iteration == "all":
+        chosen = done
+    elif iteration == "latest":
+        chosen = done[-1:]
+    elif iteration.isdigit() and int(iteration) in done:
+        chosen = [int(iteration)]
+    else:
+        raise ValueError(f"--iteration {iteration!r}: finished iterations in {path} are {done} (or latest, all)")
+    return {f"spin-iter-{t}": run.model(t) for t in chosen}
+
+
+def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int) -> Any:
+    """One served model on the generation resources (`generation.*`), as the job's engines."""
+    from ray.serve.llm import LLMConfig
+
+    g, s = cfg.generation, cfg.serve
+    engine = {"dtype": cfg.model.dtype, **engine_kwargs(g, max_model_len)}
+    env = engine_env(g)
+    if g.num_gpus == 0:
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # Serve LLM runs vLLM's async engine in its own process
+        bundles = [{"CPU": g.num_cpus}]
+    else:
+        bundles = [{"GPU": g.num_gpus, "CPU": 1}] * g.tensor_parallel_size
+    if g.resource:
+        bundles[0] = bundles[0] | {g.resource: 1}
+    return LLMConfig(
+        model_loading_config={"model_id": name, "model_source": str(model_dir)},
+        engine_kwargs=engine,
+        placement_group_config={"bundles": bundles},
+        runtime_env={"env_vars": env},
+        deployment_config={
+            "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas},
+            "max_ongoing_requests": s.max_concurrency,
+        },
+    )
+
+
+def serve_models(models: dict[str, Path], cfg: Config, max_model_len: int, api_key: str | None) -> str:
+    """Deploys every model behind one gateway on cfg.serve.host:port; returns the base URL."""
+    from ray.serve.llm import build_llm_deployment
+
+    configs = {name: llm_config(name, d, cfg, max_model_len) for name, d in models.items()}
+    app = _gateway(cfg).bind(
+        model_dirs={name: str(d) for name, d in models.items()},
+        limits=_limits(cfg),
+        key_digest=key_digest(api_key),
+        llm_deployments={name: build_llm_deployment(c, name_prefix=f"{name}-") for name, c in configs.items()},
+        model_cards={name: model_card(name, c) for name, c in configs.items()},
+    )
+    return _run(cfg, app, "spin")
+
+
+def live_endpoint(
+    cfg: Config, engines: Engines, model_dir: str, digest: str | None, say: Callable[[str], None]
+) -> Callable[[], None]:
+    """serve.live: the job's engines behind the same routes while it runs; returns what stops it
+    (nothing to stop when serve.live is off)."""
+    if not cfg.serve.live:
+        return lambda: None
+    from ray import serve
+
+    app = _gateway(cfg).bind(
+        model_dirs={"spin-live": model_dir}, limits=_limits(cfg), key_digest=digest, engines=engines
+    )
+    say(f"live endpoint: {_run(cfg, app, 'spin-live')} (model spin-live, answers name their iteration)")
+    return lambda: serve.delete("spin-live")
+
+
+def _gateway(cfg: Config) -> Any:
+    from ray import serve
+
+    return serve.deployment(
+        serve.ingress()(Gateway),
+        name="spin-gateway",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=cfg.serve.max_concurrency + 16,  # the excess meets our 429, not the proxy's queue
+    )
+
+
+def max_model_len(cfg: Config) -> int:
+    """The served engines' length: the longest prompt allowed plus the most new tokens."""
+    return cfg.generation.max_model_len or prompt_limit(cfg) + cfg.serve.max_tokens
+
+
+def prompt_limit(cfg: Config) -> int:
+    return cfg.serve.max_prompt_tokens or cfg.data.max_prompt_tokens
+
+
+def _limits(cfg: Config) -> dict[str, int]:
+    s = cfg.serve
+    return {
+        "max_tokens": s.max_tokens,
+        "max_prompt_tokens": prompt_limit(cfg),
+        "max_body_bytes": s.max_body_kb * 1024,
+        "max_concurrency": s.max_concurrency,
+    }
+
+
+def _run(cfg: Config, app: Any, name: str) -> str:
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+    return f"http://{cfg.serve.host}:{cfg.serve.port}/v1"

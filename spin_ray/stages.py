@@ -1,0 +1,73 @@
+"""What one stage of an iteration hands the next: typed, so a misspelt key fails where it is read.
+
+`Prepared` is the driver's checked input to the coordinator; `Generated`, `Trained` and `Synced`
+are what generation, training and the weight sync report, each turned into its metrics by
+`metrics()` for the iteration's row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spin_ray.data import Example, TrainingSet
+
+
+@dataclass
+class Prepared:
+    """What a run needs, checked in the driver before Ray, engines or trainers start."""
+
+    model_path: str
+    train: TrainingSet  # on disk, under run.output_dir/data
+    eval: list[Example]  # held out: small, and read every iteration
+    toy: bool
+    max_model_len: int
+    serve_key_digest: str | None = None  # serve.live's bearer key, hashed: the key stays in the driver
+
+
+@dataclass(frozen=True)
+class Generated:
+    seconds: float
+    tokens: int
+
+    def metrics(self) -> dict[str, float]:
+        return {"gen/seconds": self.seconds, "gen/tokens_per_s": self.tokens / max(self.seconds, 1e-9)}
+
+
+@dataclass(frozen=True)
+class Trained:
+    logs: list[dict[str, float]]  # a line per train.log_every micro batches, rank-averaged
+    seconds: float
+    steps: int  # micro batches
+    pid: int  # of the rank that reported it
+
+    def metrics(self) -> dict[str, float]:
+        keys = [k for k in (self.logs[0] if self.logs else {}) if "/" in k or k == "loss"]
+        means = {f"train/{k}": float(np.mean([line[k] for line in self.logs])) for k in keys}
+        return means | {"train/seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class Synced:
+    seconds: float
+    bytes: int | None = None  # per engine; None when the sync failed and the engines reloaded from disk
+
+    def metrics(self) -> dict[str, float]:
+        if self.bytes is None:
+            return {"sync/seconds": self.seconds, "sync/recovered": 1.0}
+        return {"sync/seconds": self.seconds, "sync/bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class IterationDone:
+    """Iteration t trained, exported and synced: what its row in metrics.jsonl is made of."""
+
+    t: int
+    global_step: int
+    model_dir: str
+    generated: Generated | None  # None when its pairs were stored already (or the SFT arm)
+    trained: Trained
+    synced: Synced
+    started: float  # perf_counter at the iteration's start
+    trained_at: float  # perf_counter when its training ended

@@ -1,0 +1,1 @@
+"""The Ray Train ranks (DeepSpeed), their channel and feeder, and the coordinator's handle on them."""

@@ -1,0 +1,248 @@
+"""One train rank, for the whole job: policy, reference and optimizer under DeepSpeed.
+
+`worker_loop` is Ray Train's train_loop_per_worker. It says hello to the channel, loads the
+current p_t and then runs the tasks it is given: each names a `SpinWorker` method. The policy a
+rank holds at the end of iteration t is p_t; it becomes the next reference in memory, without a
+reload from disk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from spin_ray.cluster import free_address
+from spin_ray.config import Config
+from spin_ray.data import pad_pairs
+from spin_ray.logs import name_log
+from spin_ray.loss import sequence_logps, sft_loss, spin_loss, spin_metrics
+from spin_ray.private import zero3_full_state_dict
+from spin_ray.stages import Trained
+from spin_ray.trainer.channel import Failure
+from spin_ray.trainer.ds import build_cpu_ops, deepspeed_config, lr_at
+from spin_ray.weights import Spec, pack, send_buckets, weight_group
+
+
+class SpinWorker:
+    def __init__(self, cfg: Config, model_path: str):
+        build_cpu_ops()  # before deepspeed.initialize loads it
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.cfg = cfg
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.beat: Callable[..., None] = lambda what, steps=None: None  # progress for the driver's stall check
+        self.next_batch: Callable[[], ray.ObjectRef] = lambda: None  # the channel's next fed batch
+        ds_config = deepspeed_config(cfg)
+        # Kept alive so from_pretrained loads straight into ZeRO-3 partitions (a 70B model never
+        # exists whole on one rank).
+        self._hf_ds = HfDeepSpeedConfig(ds_config) if cfg.train.zero_stage == 3 else None
+
+        policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if cfg.train.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        optimizer_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.RMSprop
+        optimizer = optimizer_cls(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_config)
+        self.reference = None
+        if cfg.spin.reference == "model" and cfg.spin.objective == "spin":
+            reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+            reference.requires_grad_(False)
+            if cfg.train.zero_stage == 3:
+                self.reference = deepspeed.initialize(model=reference, config=ds_config)[0]
+            else:
+                dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+                self.reference = reference.to(device=self.engine.device, dtype=dtype[cfg.model.dtype])
+            self.reference.eval()
+
+    def _refresh_reference(self) -> None:
+        """reference := policy, in memory. Under ZeRO-3 both models are partitioned the same way,
+        so each rank copies only its own shard."""
+        for ref, pol in zip(self.reference.parameters(), self.engine.module.parameters(), strict=True):
+            if hasattr(pol, "ds_tensor"):
+                ref.ds_tensor.data.copy_(pol.ds_tensor.data)
+            else:
+                ref.data.copy_(pol.data)
+
+    def _logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+
+    def _batch(self, prompts: list, responses: list) -> dict[str, torch.Tensor]:
+        padded = pad_pairs([list(p) for p in prompts], [list(r) for r in responses], self.pad_id)
+        return {k: v.to(self.engine.device) for k, v in padded.items()}
+
+    def _reset_optimizer(self) -> None:
+        # Each SPIN iteration is a fresh fine-tuning run from p_t, as in the official recipe.
+        inner = self.optimizer
+        while hasattr(inner, "optimizer"):
+            inner = inner.optimizer
+        inner.state.clear()
+
+    def step_batch(self, rows: dict[str, Any]) -> dict[str, float]:
+        """One micro batch of pairs: real and generated in one forward pass."""
+        if self.cfg.spin.objective == "sft":
+            return self.sft_step(rows)
+        n = len(rows["prompt_ids"])
+        batch = self._batch(rows["prompt_ids"] * 2, rows["real_ids"] + rows["generated_ids"])
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = self._logps(self.reference, batch)
+            ref_real, ref_generated = ref[:n], ref[n:]
+        else:
+            ref_real = torch.as_tensor(rows["ref_real_logps"], dtype=torch.float32, device=self.engine.device)
+            ref_generated = torch.as_tensor(rows["ref_generated_logps"], dtype=torch.float32, device=self.engine.device)
+        policy = self._logps(self.engine, batch)
+        losses, real_rewards, generated_rewards = spin_loss(
+            policy[:n], policy[n:], ref_real, ref_generated, self.cfg.spin.beta, self.cfg.spin.loss_type
+        )
+        self.engine.backward(losses.mean())
+        self.engine.step()
+        return spin_metrics(losses, real_rewards, generated_rewards, policy[:n], policy[n:])
+
+    def sft_step(self, rows: dict[str, Any]) -> dict[str, float]:
+        """One micro batch of the baseline: the real answers only, no reference."""
+        batch = self._batch(rows["prompt_ids"], rows["real_ids"])
+        logps = self._logps(self.engine, batch)
+        loss = sft_loss(logps, batch["response_mask"][:, 1:].sum(-1))
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"loss": loss.item(), "logps/real": logps.detach().mean().item()}
+
+    def _mean_over_ranks(self, metrics: list[dict[str, float]]) -> dict[str, float]:
+        keys = sorted(metrics[0])
+        # On the engine's device: NCCL reduces only GPU tensors.
+        local = torch.tensor([[m[k] for k in keys] for m in metrics], device=self.engine.device).mean(0)
+        torch.distributed.all_reduce(local)
+        return dict(zip(keys, (local / self.world_size).tolist(), strict=True))
+
+    def train(self, iteration: int, rows_per_rank: int) -> Trained:
+        """Trains p_t from p_{t-1} on the batches fed to this rank (train.epochs passes over its
+        `rows_per_rank` pairs); returns the log lines (rank-averaged)."""
+        t = self.cfg.train
+        if self.reference is not None:
+            self._refresh_reference()
+        self._reset_optimizer()
+        per_epoch = math.ceil(rows_per_rank / t.batch_size)
+        micro_steps = per_epoch * t.epochs
+        total_steps = max(1, micro_steps // t.grad_accum)
+        start = time.perf_counter()
+        logs, window = [], []
+        for micro, rows in enumerate(self.fed_batches(micro_steps), start=1):
+            lr = lr_at((micro - 1) // t.grad_accum, total_steps, t.lr, t.warmup_ratio, t.schedule)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            window.append(self.step_batch(rows))
+            self.beat(
+                f"training iteration {iteration}, micro-batch {micro}/{micro_steps}",
+                (micro // t.grad_accum, total_steps),
+            )
+            if micro % t.log_every == 0 or micro == micro_steps:
+                line = {"iteration": iteration, "step": micro, "epoch": (micro - 1) // per_epoch, "lr": lr}
+                line |= self._mean_over_ranks(window)
+                window = []
+                logs.append(line)
+                if self.rank == 0:
+                    shown = " ".join(f"{k} {v:.4f}" for k, v in line.items() if "/" in k or k == "loss")
+                    print(f"[train] iteration {iteration} micro-batch {micro}/{micro_steps} {shown}", flush=True)
+        return Trained(logs, time.perf_counter() - start, micro_steps, os.getpid())
+
+    def fed_batches(self, count: int) -> Iterator[dict[str, list]]:
+        """`count` batches from the channel, which sends several at a time; the next message is
+        asked for while this one's batches train."""
+        pending, left = self.next_batch(), count
+        while left:
+            item = ray.get(pending)
+            if item is None:
+                raise RuntimeError("the coordinator stopped the pair stream (its log says why)")
+            batches = ray.get(item[0])
+            left -= len(batches)
+            if left:
+                pending = self.next_batch()
+            for batch in batches:
+                yield batch.to_pydict()
+
+    def export(self, model_dir: str, pack_weights: bool) -> ray.ObjectRef | None:
+        """HF checkpoint (rank 0) and, for the engines' object-store path, the packed weights.
+
+        The checkpoint is all a restart needs: each iteration starts a fresh optimizer from p_t,
+        so optimizer state is never carried across iterations and is not saved."""
+        if self.cfg.train.zero_stage == 3:
+            state = zero3_full_state_dict(self.engine)
+        else:
+            state = self.engine.module.state_dict()
+        if self.rank:
+            return None
+        state = {k: v.detach().cpu() for k, v in state.items()}
+        final = Path(model_dir)
+        tmp = final.with_name(final.name + ".tmp")
+        self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if final.exists():  # left by an export whose reply was lost to a restart
+            shutil.rmtree(final)
+        tmp.rename(final)  # atomic: a crash never leaves a half-written checkpoint behind
+        return ray.put(pack(state)) if pack_weights else None
+
+    def weight_specs(self) -> list[Spec]:
+        """(name, full shape, dtype) of every parameter; tied weights appear once."""
+        return [
+            (name, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
+            for name, p in self.engine.module.named_parameters()
+        ]
+
+    def weight_address(self) -> tuple[str, int] | None:
+        """Rank 0 hosts the weight-sync group's rendezvous: a fresh port for every (re)connect."""
+        return free_address() if self.rank == 0 else None
+
+    def join_weight_group(self, master: str, port: int, world_size: int, timeout_s: float) -> None:
+        self.weight_group = weight_group(master, port, self.rank, world_size, timeout_s)
+
+    def broadcast_weights(self, plan: list[list[Spec]]) -> None:
+        """Every rank sends its own part of each bucket (under ZeRO-3: its own partition)."""
+        try:
+            send_buckets(self.weight_group, plan, dict(self.engine.module.named_parameters()), self.world_size)
+        except Exception:
+            self.weight_group = None  # dropping it closes the sockets, so no engine waits for the rest
+            raise
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """The train_loop_per_worker: say hello, load the current p_t, then do tasks until told to
+    stop. Ray Train runs it again on a fresh group after a worker or its node is lost."""
+    cfg: Config = config["cfg"]
+    channel = config["channel"]
+    if not cfg.train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(max(1, int(cfg.train.num_cpus)))
+    rank = ray.train.get_context().get_world_rank()
+    name_log(f"train-rank{rank}")
+    here = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+    model_path = ray.get(channel.hello.remote(rank, here))
+    worker = SpinWorker(cfg, model_path)
+    worker.beat = lambda what, steps=None: channel.beat.remote(rank, what, steps)
+    worker.next_batch = lambda: channel.next_batch.remote(rank)
+    worker.beat("ready")
+    while True:
+        task = ray.get(channel.next_task.remote(rank))
+        if task.method is None:
+            return
+        name = task.method.__name__
+        print(f"[train] rank {rank} runs {name} (task {task.id})", flush=True)
+        try:
+            result = task.method(worker, **task.kwargs)
+        except Exception:  # noqa: BLE001 - reported to the coordinator, which decides what to do
+            result = Failure(f"rank {rank} failed in {name}:\n{traceback.format_exc()}")
+        ray.get(channel.reply.remote(rank, task.id, result))
