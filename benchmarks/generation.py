@@ -12,7 +12,7 @@ Models are random Llamas built here with the toy tokenizer; nothing comes from t
 
 import os
 
-# The engine actor runs vLLM in-process with one OMP thread (see start_engines); the plain baseline
+# The engine actor runs vLLM in-process with one OMP thread (spin_ray.engines.engine.engine_env); the plain baseline
 # in this driver must run the same way. OMP_NUM_THREADS has to be set before torch is imported.
 os.environ.update(
     {
@@ -33,7 +33,7 @@ from typing import Any  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
-from models import make_llama  # noqa: E402
+from models import make_llama, start_engines  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -75,7 +75,7 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> pa.Table:
 def local_engine(model_dir: Path, cfg: GenerationConfig) -> Any:
     """The engine class the actors run, built in this process: its vllm.LLM is the plain baseline,
     so the two paths can't drift apart in settings."""
-    from spin_ray.generation import Engine
+    from spin_ray.engines.engine import Engine
 
     return Engine(str(model_dir), "float32", cfg, MAX_MODEL_LEN, seed=0)
 
@@ -97,13 +97,13 @@ def plain_run(local: Any, prompts: pa.Table, cfg: GenerationConfig, chunk: int) 
     return time.perf_counter() - start, tokens
 
 
-def stream_run(engines: list, prompts: pa.Table, cfg: GenerationConfig, batch_size: int) -> tuple[float, int]:
+def stream_run(engines: Any, prompts: pa.Table, cfg: GenerationConfig, batch_size: int) -> tuple[float, int]:
     """(seconds, generated tokens) of the job's path: through_engines, consumed as a stream."""
-    from spin_ray.generation import through_engines
+    from spin_ray.engines.client import through_engines
 
     cfg = cfg.model_copy(update={"batch_size": batch_size})
     start, tokens = time.perf_counter(), 0
-    for batch in through_engines(prompts, engines, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in through_engines(prompts, engines.generate, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
         tokens += sum(batch["generated_tokens"].to_pylist())
     return time.perf_counter() - start, tokens
 
@@ -111,10 +111,11 @@ def stream_run(engines: list, prompts: pa.Table, cfg: GenerationConfig, batch_si
 def hot_swap(model_dir: Path, cfg: GenerationConfig, repeats: int = 3) -> dict[str, float]:
     """Median seconds to pack + push + load full weights into a running engine."""
     import ray
-    from spin_ray.generation import start_engines
-    from spin_ray.sync import pack
 
-    engine = start_engines(str(model_dir), "float32", cfg, MAX_MODEL_LEN, seed=0)[0]
+    from spin_ray.weights import pack
+
+    engines = start_engines(model_dir, cfg, MAX_MODEL_LEN)
+    (engine,) = engines.all()
     state = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     packs, totals, engine_side = [], [], []
     for _ in range(repeats):
@@ -125,8 +126,7 @@ def hot_swap(model_dir: Path, cfg: GenerationConfig, repeats: int = 3) -> dict[s
         totals.append(time.perf_counter() - start)
         packs.append(packed - start)
         engine_side.append(reply["seconds"])
-    ray.get(engine.shutdown.remote())
-    ray.kill(engine)
+    engines.shutdown()
     return {
         "mb": len(payload) / 1e6,
         "pack": statistics.median(packs),
@@ -137,7 +137,6 @@ def hot_swap(model_dir: Path, cfg: GenerationConfig, repeats: int = 3) -> dict[s
 
 def benchmark(args: argparse.Namespace, root: Path) -> None:
     import ray
-    from spin_ray.generation import start_engines
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     gen_bytes = 4 * make_llama(root / "gen", **GEN_MODEL)
@@ -151,7 +150,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
     )
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    engines = start_engines(str(root / "gen"), "float32", cfg, MAX_MODEL_LEN, seed=0)
+    engines = start_engines(root / "gen", cfg, MAX_MODEL_LEN)
     local = local_engine(root / "gen", cfg)
 
     # Both exist from here on, but only one generates at a time (2 cores). Machine speed drifts by
@@ -172,8 +171,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
                 runs[bs][name].append(tok / seconds)
                 tokens.add(tok)
     local.shutdown()
-    ray.get(engines[0].shutdown.remote())
-    ray.kill(engines[0])
+    engines.shutdown()
 
     def ratio(r: dict[str, list[float]], baseline: str) -> float:
         return statistics.median(s / b for s, b in zip(r["stream"], r[baseline], strict=True))

@@ -6,6 +6,7 @@ summary.json and metrics.jsonl), each a fresh process, as a user runs it.
     python benchmarks/iteration.py curve      # the toy at 500 / 5,000 / 50,000 prompts
     python benchmarks/iteration.py startup    # the toy job's start-up; the official per-step workflow
     python benchmarks/iteration.py seeds      # held-out results, streaming vs sequential, 3 seeds
+    python benchmarks/iteration.py official --rounds 1   # only the official per-step workflow
 """
 
 from __future__ import annotations
@@ -219,26 +220,14 @@ def _generate(model: str, pairs: str, t: int) -> None:
     pq.write_table(pa.Table.from_pylist(rows), pairs)
 
 
-class _Shard:
-    """This rank's rows, with the one method SpinWorker.train reads them through."""
-
-    def __init__(self, rows: Any):
-        self.rows = rows
-
-    def iter_batches(self, batch_size: int, batch_format: str) -> Any:
-        for start in range(0, self.rows.num_rows, batch_size):
-            yield self.rows.slice(start, batch_size).to_pydict()
-
-
 def _train(out: str, t: int, model_dir: str) -> None:
-    import pyarrow.parquet as pq
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
-    from spin_ray.coordinator import shuffled
-    from spin_ray.training import SpinWorker
+    from spin_ray.pairs import pair_stream
+    from spin_ray.trainer.worker import SpinWorker
 
     cfg = _official_config(Path(out))
     previous = str(Path(out) / f"iter_{t - 1}" / "model") if t > 1 else None
@@ -246,11 +235,13 @@ def _train(out: str, t: int, model_dir: str) -> None:
 
     start_model = previous or str(toy_world(0).model_dir)
     worker = SpinWorker(cfg, start_model)
-    tables = [pq.read_table(Path(out) / f"iter_{i}" / "pairs.parquet") for i in range(max(1, t - 1), t + 1)]
-    table = shuffled(tables, cfg.run.seed + t)
+    # The job's pair stream over iterations t-1 and t (each iter_<i> dir holds its pairs.parquet).
+    dirs = [Path(out) / f"iter_{i}" for i in range(max(1, t - 1), t + 1)]
+    stream = pair_stream(dirs, None, cfg.run.seed + t, cfg.spin.shuffle_window, cfg.train.batch_size)
     n, rank = worker.world_size, worker.rank
-    per_rank = table.num_rows // n
-    worker.train(t, _Shard(table.slice(rank * per_rank, per_rank)), per_rank)
+    mine = [step[rank].to_pydict() for step in stream.steps(n)]
+    worker.fed_batches = lambda count: iter(mine)  # this rank's batches, without the job's channel
+    worker.train(t, stream.total // n)
     worker.export(model_dir, pack_weights=False)
     torch.distributed.destroy_process_group()
 
@@ -287,7 +278,7 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] == "_train":
         return _train(argv[1], int(argv[2]), argv[3])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["overlap", "curve", "startup", "seeds"])
+    parser.add_argument("what", choices=["overlap", "curve", "startup", "seeds", "official"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 5000, 50000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -298,6 +289,7 @@ def main(argv: list[str]) -> None:
             "curve": lambda: curve(Path(tmp), args.sizes),
             "startup": lambda: startup(Path(tmp)),
             "seeds": lambda: seeds(Path(tmp), args.seeds),
+            "official": lambda: print(f"official per-step workflow: {official(Path(tmp), args.rounds):.1f} s"),
         }[args.what]()
 
 

@@ -28,3 +28,13 @@ def make_llama(out_dir: Path, **shape: Any) -> int:
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return sum(p.numel() for p in model.parameters())
+
+
+def start_engines(model_dir: Path, generation: Any, max_model_len: int) -> Any:
+    """The job's engines (spin_ray.engines.client.Engines) on `model_dir` in fp32, once all are up."""
+    from spin_ray.config import Config, ModelConfig
+    from spin_ray.engines.client import Engines
+
+    engines = Engines(Config(model=ModelConfig(dtype="float32"), generation=generation), str(model_dir), max_model_len)
+    engines.wait_ready()
+    return engines

@@ -1,6 +1,6 @@
 """Training benchmark: step time inside the Ray Train loop vs a plain single-process DeepSpeed loop.
 
-Both sides run `spin_ray.training.SpinWorker.step_batch` on the same micro batches of the same
+Both sides run `spin_ray.trainer.worker.SpinWorker.step_batch` on the same micro batches of the same
 model (fp32, ZeRO-2, 1 rank, 1 thread), so the ratio is what Ray Train + Ray Data add per step.
 Goal: the Ray Train loop costs <= 5% over plain DeepSpeed per step.
 
@@ -75,7 +75,7 @@ def make_pairs(n: int, vocab: int, prompt: tuple[int, int], response: tuple[int,
 
 
 def import_spin_worker() -> tuple[Any, Any]:
-    """SpinWorker without Ray: spin_ray.training imports ray at module level for its Ray Train half
+    """SpinWorker without Ray: spin_ray.trainer imports ray at module level for its Ray Train half
     (Channel, worker_loop), which the plain loop never touches. Where ray is not installed (the GPU
     box), a stand-in module lets the import succeed."""
     try:
@@ -89,7 +89,8 @@ def import_spin_worker() -> tuple[Any, Any]:
         stub.__spec__ = importlib.machinery.ModuleSpec("ray", None)
         stub.remote = lambda **_: lambda cls: cls  # for `@ray.remote(num_cpus=0) class Channel`
         sys.modules["ray"] = stub
-    from spin_ray.training import SpinWorker, lr_at
+    from spin_ray.trainer.ds import lr_at
+    from spin_ray.trainer.worker import SpinWorker
 
     return SpinWorker, lr_at
 
@@ -216,12 +217,18 @@ class RayTrainLoop:
 
     def __init__(self, root: Path):
         import ray
-        from spin_ray.training import Trainer
 
         from spin_ray.config import load_config
+        from spin_ray.pairs import pair_stream
+        from spin_ray.trainer.supervisor import Trainer
 
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        self.pairs = ray.data.from_arrow(pq.read_table(root / "pairs.parquet"))
+        stored = root / "pairs"  # the pairs as an iteration's parquet part, streamed as the job does
+        stored.mkdir(exist_ok=True)
+        pq.write_table(pq.read_table(root / "pairs.parquet"), stored / "part-000000.parquet")
+        self.pairs = pair_stream(
+            [stored], None, 0, 256, load_config(None, cpu_overrides(root / "ray")).train.batch_size
+        )
         start = time.perf_counter()
         self.trainer = Trainer(load_config(None, cpu_overrides(root / "ray")), str(root / "model"))
         self.trainer.wait_ready()
@@ -235,8 +242,8 @@ class RayTrainLoop:
             start = time.perf_counter()
             result = self.trainer.train(self.iterations, self.pairs)
             # The loop's own clock vs the driver's: the rest is count/split/hand-over per iteration.
-            self.outside.append(time.perf_counter() - start - result["seconds"])
-            per_step.append(result["seconds"] / result["steps"])
+            self.outside.append(time.perf_counter() - start - result.seconds)
+            per_step.append(result.seconds / result.steps)
             self.iterations += 1
         return per_step
 
@@ -299,7 +306,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
             f"ratios, spread {min(ratios) - 1:+.1%} to {max(ratios) - 1:+.1%}; goal <= +5%)"
         )
         print(
-            "outside the loop, per Trainer.train() (count, split, hand-over): "
+            "outside the loop, per Trainer.train() (stream, hand-over): "
             f"{', '.join(f'{s:.2f}' for s in ray_loop.outside)} s; Trainer start-up {ray_loop.startup:.1f} s"
         )
         ray_loop.close()

@@ -3,7 +3,7 @@
 For ~10, ~100 and ~500 MB fp32 Llama models (random weights, made here), one run measures:
 - object_store: pack to safetensors bytes, ray.put, engine.load_weights (vLLM in-place reload);
 - broadcast: a sender holding the model streams dtype buckets to the engine over the weight-sync
-  group, which feeds vLLM's in-place reload (the job's path, spin_ray.sync);
+  group, which feeds vLLM's in-place reload (the job's path, spin_ray.weights);
 - raw: torch.distributed broadcast of the same bytes between two plain processes: the ceiling
   of this machine's link for the broadcast path.
 
@@ -20,12 +20,11 @@ from pathlib import Path
 
 import ray
 import torch
-from models import make_llama
-from spin_ray.generation import start_engines
-from spin_ray.sync import pack, plan_buckets, send_buckets, weight_group
-from spin_ray.training import free_address
+from models import make_llama, start_engines
 
+from spin_ray.cluster import free_address
 from spin_ray.config import GenerationConfig, SyncConfig
+from spin_ray.weights import broadcast, pack, plan_buckets, send_buckets, weight_group
 
 # MB: (hidden size, layers); 16 * hidden^2 parameters per layer, 4 bytes each in fp32
 SHAPES = {size: (hidden, layers) for size, hidden, layers in [(10, 256, 3), (100, 512, 6), (500, 1024, 8)]}
@@ -66,8 +65,6 @@ class RawPeer:
         self.group = weight_group(*self.address, self.rank, 2, 300)
 
     def broadcast(self, nbytes: int) -> float:
-        from spin_ray.sync import broadcast
-
         flat = torch.ones(nbytes // 4) if self.rank == 0 else torch.empty(nbytes // 4)
         start = time.perf_counter()
         broadcast(self.group, flat, root=0).wait()
@@ -78,7 +75,8 @@ def measure(model_dir: Path, bucket_mb: float) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
     cfg = GenerationConfig(kv_cache_gib=0.25)
-    (engine,) = start_engines(str(model_dir), "float32", cfg, 64, seed=0)
+    engines = start_engines(model_dir, cfg, 64)
+    (engine,) = engines.all()
     state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     nbytes = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
 
@@ -107,7 +105,8 @@ def measure(model_dir: Path, bucket_mb: float) -> dict[str, float]:
     ray.get([p.join.remote() for p in peers])
     raw = min(max(ray.get([p.broadcast.remote(nbytes) for p in peers])) for _ in range(REPEATS))
 
-    for actor in (engine, sender, *peers):
+    engines.shutdown()
+    for actor in (sender, *peers):
         ray.kill(actor)
     return {"mb": nbytes / 2**20, "object_store": object_store, "broadcast": broadcast_s, "raw": raw}
 
