@@ -152,7 +152,10 @@ def toy_world(seed: int = 0) -> ToyWorld:
 
 
 def build_toy_world(root: str | Path, seed: int = 0, *, force: bool = False) -> ToyWorld:
-    """Build (or reuse) the toy world under `root`. Same seed -> byte-identical files."""
+    """Build (or reuse) the toy world under `root`. Same seed -> byte-identical files.
+
+    One function, top to bottom, on purpose: the build order (splits, tokenizer, model, SFT, files,
+    the marker last) is what makes a cache entry trustworthy."""
     root = Path(root)
     world = _world(root)
     marker = root / "BUILD_OK.json"

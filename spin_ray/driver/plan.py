@@ -123,6 +123,8 @@ def _placement(cfg: Config, cluster: Cluster, problems: list[str]) -> list[str]:
 
 
 def _memory(cfg: Config, prepared: Prepared, shape: Shape, cluster: Cluster, problems: list[str]) -> list[str]:
+    """The memory block of the plan: training worker, engine, host RAM, in the order printed
+    (one function so the block reads as it prints)."""
     g, t, d = cfg.generation, cfg.train, cfg.data
     gpu_gib = cluster.gpu_gib or ASSUMED_GPU_GIB
     lines = []
