@@ -124,8 +124,9 @@ def curve(tmp: Path, sizes: list[int]) -> None:
             flush=True,
         )
     (n0, y0), (n1, y1) = points[0], points[-1]
-    per = (y1 - y0) / (n1 - n0)
-    print(f"fit: iteration = {y0 - per * n0:.1f} s fixed + {per * 1000:.2f} s per 1,000 prompts")
+    if n1 != n0:  # a fit needs two sizes
+        per = (y1 - y0) / (n1 - n0)
+        print(f"fit: iteration = {y0 - per * n0:.1f} s fixed + {per * 1000:.2f} s per 1,000 prompts")
 
 
 def startup(tmp: Path) -> None:
