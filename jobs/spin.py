@@ -34,6 +34,7 @@ def init_ray(cfg: Config) -> None:
 
     from spin_ray.cluster import local_cpus, ray_address
     from spin_ray.logs import LOG_DIR_ENV, log_driver_to
+    from spin_ray.rundir import RunDir
 
     out = Path(cfg.run.output_dir)
     # Ray Data's bars are unreadable when forwarded from actors: the console draws progress.
@@ -41,8 +42,8 @@ def init_ray(cfg: Config) -> None:
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # Ray Train would print each worker line twice
     runtime_env: dict = {"env_vars": env}
     if not cfg.run.verbose:
-        log_driver_to(out / "logs")
-        env[LOG_DIR_ENV] = str(out / "logs")
+        log_driver_to(RunDir(out).logs)
+        env[LOG_DIR_ENV] = str(RunDir(out).logs)
         runtime_env["worker_process_setup_hook"] = "spin_ray.logs.capture_output"
     init = dict(runtime_env=runtime_env, log_to_driver=cfg.run.verbose, configure_logging=cfg.run.verbose)
     if ray_address(cfg):

@@ -180,9 +180,7 @@ def read_sft(
     Records without an `id` get `<content hash>-<occurrence>`: unique per record, equal across
     loads of the same file, so equal records stay separate examples with their own sampling seeds.
     `dedupe="records"` yields only the first of exactly equal records.
-
-    Longer than most functions here on purpose: one pass over a stream of records, whose checks
-    (ids, duplicates, lengths, census) share per-file state; split up, that state would travel.
+    Long on purpose: one pass whose checks (ids, duplicates, lengths, census) share per-file state.
     """
     path = Path(path)
     if not path.exists():

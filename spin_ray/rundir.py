@@ -76,17 +76,21 @@ class RunDir:
     def model(self, t: int) -> Path:
         return self.iteration(t) / "model"
 
+    def done(self, t: int) -> Path:
+        """Iteration t's marker: p_t is exported and its global step stored."""
+        return self.iteration(t) / "DONE"
+
     def iterations(self) -> list[int]:
         """Every t with an `iter_<t>` dir, in order."""
         return sorted(t for d in self.root.glob("iter_*") if (t := iteration_of(d)) is not None)
 
     def finished(self) -> list[int]:
         """Every t whose DONE marker is there, in order."""
-        return [t for t in self.iterations() if (self.iteration(t) / "DONE").exists()]
+        return [t for t in self.iterations() if self.done(t).exists()]
 
     def mark_done(self, t: int, global_step: int) -> None:
-        write_atomic(self.iteration(t) / "DONE", json.dumps({"global_step": global_step}))
+        write_atomic(self.done(t), json.dumps({"global_step": global_step}))
 
     def global_step(self, t: int) -> int:
         """The global step stored with iteration t's DONE marker."""
-        return json.loads((self.iteration(t) / "DONE").read_text())["global_step"]
+        return json.loads(self.done(t).read_text())["global_step"]

@@ -138,6 +138,6 @@ def header(cfg: Config, prepared: Prepared) -> str:
         + f", DeepSpeed ZeRO-{t.zero_stage}",
         "ray": ray_at,
         "output": str(out),
-        "logs": f"{out / 'logs'}" + ("" if cfg.run.verbose else " (library output; --verbose shows it here)"),
+        "logs": f"{RunDir(out).logs}" + ("" if cfg.run.verbose else " (library output; --verbose shows it here)"),
     }
     return "spin-ray\n" + "\n".join(f"  {k:<9} {v}" for k, v in rows.items())

@@ -117,7 +117,7 @@ def _clean(run: RunDir, t: int, uids: pa.Array, say: Callable[[str], None]) -> N
     tmp, pairs = run.pairs_tmp(t), run.pairs(t)  # a streamed iteration names its pairs only after training on them
     if tmp.exists() and not pairs.exists() and valid_pairs(tmp, uids):
         tmp.rename(pairs)
-    for path in [run.iteration(t) / "DONE"] + [run.iteration(t) / name for name in ("model", *TMP)]:
+    for path in [run.done(t), run.model(t)] + [run.iteration(t) / name for name in TMP]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
