@@ -235,7 +235,7 @@ def _train(out: str, t: int, model_dir: str) -> None:
     from spin_ray.toy import toy_world
 
     start_model = previous or str(toy_world(0).model_dir)
-    worker = SpinWorker(cfg, start_model)
+    worker = SpinWorker(cfg, start_model, t - 1)
     # The job's pair stream over iterations t-1 and t (each iter_<i> dir holds its pairs.parquet).
     dirs = [Path(out) / f"iter_{i}" for i in range(max(1, t - 1), t + 1)]
     stream = pair_stream(dirs, None, cfg.run.seed + t, cfg.spin.shuffle_window, cfg.train.batch_size)
@@ -243,7 +243,7 @@ def _train(out: str, t: int, model_dir: str) -> None:
     mine = [step[rank].to_pydict() for step in stream.steps(n)]
     worker.fed_batches = lambda count: iter(mine)  # this rank's batches, without the job's channel
     worker.train(t, stream.total // n)
-    worker.export(model_dir, pack_weights=False)
+    worker.export(t, model_dir, pack_weights=False)
     torch.distributed.destroy_process_group()
 
 

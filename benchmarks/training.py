@@ -233,7 +233,7 @@ class RayTrainLoop:
         self.trainer = Trainer(load_config(None, cpu_overrides(root / "ray")), str(root / "model"))
         self.trainer.wait_ready()
         self.startup = time.perf_counter() - start
-        self.iterations = 0
+        self.iterations = 1  # the next iteration t: the ranks hold p_0
         self.outside: list[float] = []  # seconds per Trainer.train() not spent in the loop
 
     def run(self, iterations: int) -> list[float]:

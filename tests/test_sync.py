@@ -43,22 +43,25 @@ def engines_match_checkpoint(engines, model_dir, tok) -> None:
 
 
 def train_and_export(trainer, pairs, model_dir, pack: bool):
-    trainer.train(0, stream_of(pairs, model_dir.with_name(model_dir.name + "-pairs")))
-    return trainer.export(model_dir, pack_weights=pack)
+    """The next iteration t; returns (t, the packed weights)."""
+    t = ray.get(trainer.channel.holds.remote()) + 1
+    again = lambda: stream_of(pairs, model_dir.with_name(model_dir.name + "-pairs"))  # noqa: E731
+    trainer.train(t, again())
+    return t, trainer.export(t, model_dir, again, pack_weights=pack)
 
 
 def test_broadcast_then_object_store_serve_new_weights(world, pairs, toy):
     engines, trainer, out, syncs = world
     tok = AutoTokenizer.from_pretrained(toy.model_dir)
-    train_and_export(trainer, pairs, out / "broadcast", pack=False)
-    report = syncs["broadcast"](out / "broadcast", None)  # joins the group, then broadcasts
+    t, _ = train_and_export(trainer, pairs, out / "broadcast", pack=False)
+    report = syncs["broadcast"](t, out / "broadcast", None)  # joins the group, then broadcasts
     plan = syncs["broadcast"].plan
     assert len(plan) > 1 and len({b[0][2] for b in plan}) == 1  # several fp32 buckets
     assert report.bytes > 100_000
     engines_match_checkpoint(engines.all(), out / "broadcast", tok)
 
-    weights = train_and_export(trainer, pairs, out / "object_store", pack=True)
-    report = syncs["object_store"](out / "object_store", weights)
+    t, weights = train_and_export(trainer, pairs, out / "object_store", pack=True)
+    report = syncs["object_store"](t, out / "object_store", weights)
     assert report.bytes > 100_000
     engines_match_checkpoint(engines.all(), out / "object_store", tok)
 
@@ -69,11 +72,11 @@ def test_engine_frozen_during_broadcast_is_replaced_and_all_serve_new_weights(wo
     serving the new checkpoint; the next sync re-forms the group with the replacement in it."""
     engines, trainer, out, syncs = world
     tok = AutoTokenizer.from_pretrained(toy.model_dir)
-    train_and_export(trainer, pairs, out / "after_loss", pack=False)
+    t, _ = train_and_export(trainer, pairs, out / "after_loss", pack=False)
     victim = ray.get(engines.all()[1].ready.remote())["pid"]
     os.kill(victim, signal.SIGSTOP)
     frozen_at = time.time()
-    report = syncs["broadcast"](out / "after_loss", None)
+    report = syncs["broadcast"](t, out / "after_loss", None)
     assert report.bytes is None  # the broadcast broke; every engine reloaded from disk
     events = engines.stats()["engine_replacements"]
     (frozen,) = [e for e in events if e["old_pid"] == victim]
@@ -83,8 +86,8 @@ def test_engine_frozen_during_broadcast_is_replaced_and_all_serve_new_weights(wo
     # reload again: it is replaced too, never left serving half-updated weights.
     assert len(events) <= 2 and engines.stats()["engine_starts"] == 2 + len(events)
     engines_match_checkpoint(engines.all(), out / "after_loss", tok)
-    train_and_export(trainer, pairs, out / "next", pack=False)
-    assert syncs["broadcast"](out / "next", None).bytes is not None
+    t, _ = train_and_export(trainer, pairs, out / "next", pack=False)
+    assert syncs["broadcast"](t, out / "next", None).bytes is not None
     engines_match_checkpoint(engines.all(), out / "next", tok)
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
 

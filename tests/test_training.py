@@ -2,9 +2,11 @@
 
 import math
 import os
+import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +34,7 @@ def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs,
         assert step1["rewards/margins"] == 0
         assert first.logs[1]["loss"] < math.log(2)  # step 2 moved away from the reference
 
-        trainer.export(tmp_path / "iter_1" / "model")
+        trainer.export(1, tmp_path / "iter_1" / "model", lambda: None)
         exported_real, exported_gen = hf_logps(tmp_path / "iter_1" / "model", pairs)
         assert np.abs(exported_real - real).max() > 1e-3  # training changed the weights
 
@@ -100,53 +102,96 @@ def test_sft_arm_exact_nll_and_the_same_steps(ray_session, toy, pairs, tmp_path)
         trainer.stop()
 
 
-def test_worker_killed_mid_training_restarts_and_ends_with_equal_weights(ray_session, toy, pairs, tmp_path):
+def test_worker_killed_mid_training_or_export_never_saves_old_weights(ray_session, toy, pairs, tmp_path):
     """SIGKILL a train rank mid-iteration: Ray Train restarts the group, the new workers load p_t
-    (the last exported checkpoint) and the stream is replayed from its first pair; fp32 weights
-    equal bit for bit."""
+    (the last exported checkpoint) and the stream is replayed from its first pair. Then kills
+    around the export: rank 0 frozen before it writes anything (the new group holds p_0 again, so
+    the iteration is trained again before p_1 is saved), and rank 1 frozen while rank 0 writes p_1
+    (the new group loads that complete p_1 and exports again). fp32 weights equal bit for bit."""
     many = pa.concat_tables([pairs] * 8)  # 128 pairs, 32 steps per rank: time to kill mid-way
     many = many.set_column(0, "uid", pa.array([f"{u}-{i}" for i, u in enumerate(many["uid"].to_pylist())]))
     stored = tmp_path / "iter_1" / "pairs"
     stored.mkdir(parents=True)
     for k in range(4):
         pq.write_table(many.slice(32 * k, 32), stored / f"part-{k:06d}.parquet")
-    overrides = ("train.zero_stage=2", "train.batch_size=2", "train.log_every=8", "train.max_restarts=1")
+    overrides = ("train.zero_stage=2", "train.batch_size=2", "train.log_every=8", "train.max_restarts=3")
     exported = {}
     for fault in (False, True):
         trainer = make_trainer(toy, tmp_path / str(fault), *overrides)
+        model = tmp_path / str(fault) / "model"
+        again = lambda: pair_stream([stored], None, 1, 16, 2)  # noqa: E731
         try:
             killer = threading.Thread(target=kill_rank_mid_training, args=(trainer, 1)) if fault else None
             if killer:
                 killer.start()
-            result = trainer.train(1, pair_stream([stored], None, 1, 16, 2))
+            result = trainer.train(1, again())
             if killer:
                 killer.join()
-            trainer.export(tmp_path / str(fault) / "model")
-            exported[fault] = load_file(tmp_path / str(fault) / "model" / "model.safetensors")
+                kill_around_export(trainer, 0, model, again, written=False)
+                kill_around_export(trainer, 1, model, again, written=True)
+            else:
+                trainer.export(1, model, again)
+            exported[fault] = load_file(model / "model.safetensors")
         finally:
             trainer.stop()
         assert result.steps == 32
-    assert len(trainer.restarts) == 1 and trainer.restarts[0]["during"] == "train"
-    assert trainer.generation == 2 and not set(trainer.pids) & set(trainer.restarts[0]["pids"])
+    assert [r["during"] for r in trainer.restarts] == ["train", "export", "export"]
+    assert trainer.generation == 4 and not set(trainer.pids) & set(trainer.restarts[0]["pids"])
     assert exported[True].keys() == exported[False].keys()
     for name, tensor in exported[False].items():
         assert torch.equal(exported[True][name], tensor), name
 
 
-def test_stream_of_an_odd_count_gives_both_ranks_the_same_steps(ray_session, toy, pairs, tmp_path):
+def kill_around_export(trainer, rank: int, model, again, written: bool) -> None:
+    """Freezes `rank`, starts the export, SIGKILLs the rank (once rank 0 has written the
+    checkpoint, if `written`) and waits for the export to end."""
+    pid = trainer.pids[rank]
+    shutil.rmtree(model, ignore_errors=True)
+    os.kill(pid, signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as pool:
+        export = pool.submit(trainer.export, 1, model, again)
+        if written:
+            deadline = time.monotonic() + 60
+            while not (model / "model.safetensors").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # rank 0 tells the channel right after the rename: a group starting now loads p_1
+        else:
+            time.sleep(1)
+            assert not model.exists()
+        os.kill(pid, signal.SIGKILL)
+        export.result(timeout=600)
+
+
+def test_odd_stream_gives_both_ranks_the_same_steps_and_a_rank_error_surfaces_at_once(
+    ray_session, toy, pairs, tmp_path
+):
     """spin.stream on 2 ranks: 7 pairs in batches of 2 -> 3 pairs and 2 steps per rank, no hang;
-    the first step's loss is log 2 (policy = reference)."""
+    the first step's loss is log 2 (policy = reference). Then rank 1 raises while rank 0 waits
+    for it in a collective: the error reaches the caller in seconds, not after the stall timeout."""
     stored = tmp_path / "iter_1" / "pairs"
     stored.mkdir(parents=True)
     pq.write_table(pairs.slice(0, 7), stored / "part-000000.parquet")
-    trainer = make_trainer(toy, tmp_path, "train.batch_size=2")
+    trainer = make_trainer(toy, tmp_path, "train.batch_size=2", "train.max_restarts=0")
     try:
         for t in (1, 2):
             result = trainer.train(t, pair_stream([stored], None, t, 4, 2))
             assert result.steps == 2 and result.logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert trainer.restarts == []
+        tick = time.monotonic()
+        with pytest.raises(TrainerError, match=r"rank 1 failed in raise_on_rank_1:(.|\n)*a bad batch on rank 1"):
+            trainer._call(raise_on_rank_1)
+        assert time.monotonic() - tick < 10  # train.stall_timeout_s is 120 here
     finally:
+        for pid in trainer.pids:  # rank 0 waits in its all_reduce for good
+            os.kill(pid, signal.SIGKILL)
         trainer.stop()
+
+
+def raise_on_rank_1(worker) -> None:
+    """A task (run by every rank) in which rank 1 fails while rank 0 waits for it in a collective."""
+    if worker.rank == 1:
+        raise ValueError("a bad batch on rank 1")
+    torch.distributed.all_reduce(torch.ones(1))
 
 
 def kill_rank_mid_training(trainer, rank: int) -> None:

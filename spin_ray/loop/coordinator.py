@@ -89,7 +89,7 @@ class Coordinator:
         threading.Thread(target=warm_up, args=(cfg.generation,), daemon=True).start()
         history: list[dict[str, Any]] = []
         try:
-            trainer = self.start(engines, model_path)  # once the engines are up; the ranks start meanwhile
+            trainer = self.start(engines, model_path, start - 1)  # once the engines are up; the ranks start meanwhile
             sync, evaluate = WeightSync(cfg, engines, trainer), Evaluator(cfg, self.p, engines, self.progress)
             row = self.beside(self._start_row, start - 1, evaluate, model_path, step)  # where we start
             for t in range(start, cfg.spin.iterations + 1):
@@ -98,7 +98,7 @@ class Coordinator:
                 pairs = self.training_set(t, new, engines)  # (x, y, y') of iterations t, t-1, ... as a stream
                 trained, trained_at = self.train(t, trainer, pairs)  # p_t: prefer y over y', against p_{t-1}
                 generated = self.stored(t, new)  # every pair on disk under its final name
-                model_dir, weights = self.export(t, trainer)  # p_t as a HF checkpoint
+                model_dir, weights = self.export(t, trainer, engines)  # p_t as a HF checkpoint
                 history.append(row.result())  # p_{t-1}'s row: evaluated before the swap, logged before p_t's
                 step = self._record_training(t, trained, step)  # + DONE: the resume point
                 synced = self.sync(t, sync, model_dir, weights)  # the engines serve p_t
@@ -118,10 +118,10 @@ class Coordinator:
         """What the driver's console has not drawn yet (called while `run` works)."""
         return self.progress.read(cursor)
 
-    def start(self, engines: Engines, model_path: str) -> Trainer:
+    def start(self, engines: Engines, model_path: str, holds: int) -> Trainer:
         """Returns once the engines are up: generation and the start model's evaluation need
-        nothing else. The train ranks start meanwhile; the first training waits for them."""
-        trainer = Trainer(self.cfg, model_path)
+        nothing else. The train ranks start meanwhile (on p_`holds`); the first training waits for them."""
+        trainer = Trainer(self.cfg, model_path, holds)
         with self.progress.phase(0, "start-up", None, ""):
             engines.wait_ready()
         self.marks["engines_ready"] = time.time()
@@ -218,14 +218,16 @@ class Coordinator:
             self.marks["trainer_ready"] = trainer.ready_at()
         return trained, time.perf_counter()
 
-    def export(self, t: int, trainer: Trainer) -> tuple[Path, ray.ObjectRef | None]:
+    def export(self, t: int, trainer: Trainer, engines: Engines) -> tuple[Path, ray.ObjectRef | None]:
+        """A trainer group that restarts before p_t is on disk trains t again on the stored pairs."""
         model_dir = self.run_dir.model(t)
+        again = partial(self.training_set, t, None, engines)
         with self.progress.phase(t, "export", None, "checkpoint"):
-            return model_dir, trainer.export(model_dir, self.cfg.sync.method == "object_store")
+            return model_dir, trainer.export(t, model_dir, again, self.cfg.sync.method == "object_store")
 
     def sync(self, t: int, sync: WeightSync, model_dir: Path, weights: ray.ObjectRef | None) -> Synced:
         with self.progress.phase(t, "sync", self.cfg.generation.num_engines, "engines") as advance:
-            synced = sync(model_dir, weights)
+            synced = sync(t, model_dir, weights)
             advance(self.cfg.generation.num_engines)
         return synced
 

@@ -29,12 +29,12 @@ class WeightSync:
         self.connected: tuple[int, int] | None = None  # (pool, trainer) generations of the group
         self.plan: list[list[Spec]] = []
 
-    def __call__(self, model_dir: Path, weights: ray.ObjectRef | None) -> Synced:
-        """Returns once every engine serves the weights of checkpoint `model_dir`."""
+    def __call__(self, t: int, model_dir: Path, weights: ray.ObjectRef | None) -> Synced:
+        """Returns once every engine serves p_t, whose checkpoint is `model_dir`."""
         tick = time.perf_counter()
         self.engines.set_weights(str(model_dir))  # replacements from now on load these
         try:
-            nbytes = self._push(str(model_dir), weights)
+            nbytes = self._push(t, str(model_dir), weights)
         except WeightSyncError as e:
             print(f"[health] {e}; every engine reloads {model_dir} from disk", flush=True)
             self.connected = None
@@ -42,7 +42,7 @@ class WeightSync:
             return Synced(time.perf_counter() - tick)
         return Synced(time.perf_counter() - tick, nbytes)
 
-    def _push(self, serving: str, weights: ray.ObjectRef | None) -> int:
+    def _push(self, t: int, serving: str, weights: ray.ObjectRef | None) -> int:
         """Bytes each engine received; raises WeightSyncError if any part fails."""
         method = self.cfg.sync.method
         try:
@@ -52,7 +52,7 @@ class WeightSync:
             else:
                 self._connect(engines)
                 received = [e.receive_weights.remote(self.plan, self.trainer.world_size, serving) for e in engines]
-                self.trainer.broadcast_weights(self.plan)
+                self.trainer.broadcast_weights(t, self.plan)
                 reports = ray.get(received)
         except Exception as e:  # noqa: BLE001 - whatever broke, the caller makes every engine reload
             raise WeightSyncError(f"weight sync ({method}) failed midway: {e!r}") from e

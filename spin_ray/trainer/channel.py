@@ -3,9 +3,13 @@
 A `Task` names the `SpinWorker` method it runs (the function itself, not its name: a rename
 fails where the task is built). Every task carries an id and every reply names the task it
 answers, so a restarted worker's greeting is never mistaken for a result. A worker that (re)starts
-says `hello` and gets the weights to load (the latest exported p_t); tasks queued for its
-predecessor are dropped. Once every rank of a new group has said hello, `generation` goes up and
-the coordinator re-posts whatever was interrupted. An iteration's pair batches come through
+says `hello` and gets the weights to load (the latest exported p_t, and t); tasks queued for its
+predecessor are dropped, and no task is queued while a group is forming: a rank of the new group
+must never run a task alone, its collectives would wait forever for the others. Once every rank
+of the new group has said hello, `generation` goes up and the coordinator re-posts whatever was
+interrupted. One rank's failure is reported at once (the others may be stuck in a collective),
+and a task's replies are handed over once, so no reply (an export's weights in the object
+store) outlives its reading. An iteration's pair batches come through
 `feed`, a step (batches for every rank) at a time, at most `FEED_AHEAD` messages ahead of the
 slowest rank.
 """
@@ -33,13 +37,16 @@ class Failure:
     """What a rank replies when its task raised: the coordinator raises it as a TrainerError."""
 
     message: str
+    # Raised inside a collective, as when a peer died: Ray Train restarts the group, so this
+    # failure is not reported before the others reply; any other is reported at once.
+    in_collective: bool = False
 
 
 @dataclass(frozen=True)
 class State:
     """What `poll` tells the coordinator about a task and the group running it."""
 
-    results: list[Any] | None  # every rank's reply, once all have replied
+    results: list[Any] | None  # every rank's reply once all have replied, or as soon as one failed
     generation: int
     workers: list[dict[str, Any] | None]  # pid and node per rank
     beats: dict[int, tuple[float, str]]  # rank -> (time, what it is doing)
@@ -51,9 +58,9 @@ class State:
 class Channel:
     FEED_AHEAD = 8
 
-    def __init__(self, world_size: int, model_path: str):
+    def __init__(self, world_size: int, model_path: str, iteration: int):
         self.world_size = world_size
-        self.model_path = model_path
+        self.model_path, self.iteration = model_path, iteration  # what a (re)started rank loads: p_t, t
         self.tasks: list[asyncio.Queue] = [asyncio.Queue() for _ in range(world_size)]
         self.batches: list[asyncio.Queue] = [asyncio.Queue() for _ in range(world_size)]
         self.taken = asyncio.Event()
@@ -68,7 +75,7 @@ class Channel:
     async def ready_at(self) -> float:
         return max(self.ready.values())
 
-    async def hello(self, rank: int, info: dict[str, Any]) -> str:
+    async def hello(self, rank: int, info: dict[str, Any]) -> tuple[str, int]:
         self.tasks[rank] = asyncio.Queue()
         self.workers[rank] = info
         self.greeted.add(rank)
@@ -79,15 +86,24 @@ class Channel:
             self.batches = [asyncio.Queue() for _ in range(self.world_size)]  # none meant for the last group
             self.taken.set()
         self.beats[rank] = (time.time(), "starting")
-        return self.model_path
+        return self.model_path, self.iteration
 
-    async def set_model_path(self, path: str) -> None:
-        self.model_path = path
+    async def set_model_path(self, path: str, iteration: int) -> None:
+        """Rank 0 says so the moment p_t's checkpoint is complete: a group that restarts after it loads p_t."""
+        self.model_path, self.iteration = path, iteration
+
+    async def holds(self) -> int:
+        """t of the p_t a group that starts now loads."""
+        return self.iteration
+
+    async def groups(self) -> int:
+        return self.generation
 
     async def post(self, tasks: list[Task], generation: int) -> int:
-        """Queues one task per rank if the group is still `generation`; returns the current one
-        (a group that restarted since the caller last looked must get the task after its hello)."""
-        if generation == self.generation:
+        """Queues one task per rank if the group is still `generation` and no new group is forming;
+        returns the current one (a group that restarted since the caller last looked must get the
+        task after its hello)."""
+        if generation == self.generation and not self.greeted:
             self.steps.clear()  # the progress of the task before is not this one's
             for queue, task in zip(self.tasks, tasks, strict=True):
                 queue.put_nowait(task)
@@ -133,8 +149,13 @@ class Channel:
 
     async def poll(self, task_id: int) -> State:
         replies = self.replies.get(task_id, {})
+        results = None
+        failed = any(isinstance(r, Failure) and not r.in_collective for r in replies.values())
+        if len(replies) == self.world_size or failed:
+            results = [replies.get(r) for r in range(self.world_size)]
+            del self.replies[task_id]
         return State(
-            results=[replies[r] for r in range(self.world_size)] if len(replies) == self.world_size else None,
+            results=results,
             generation=self.generation,
             workers=[self.workers.get(r) for r in range(self.world_size)],
             beats=dict(self.beats),

@@ -3,7 +3,9 @@
 One `TorchTrainer.fit()` per job, not per iteration (a fit costs ~36 s of start-up on CPU against
 seconds of training). Each public method of `Trainer` runs the `SpinWorker` method of the same
 name on every rank through the channel; a group that Ray Train restarts meanwhile gets the task
-again (or, for a stream, the stream again from its first step).
+again (or, for a stream, the stream again from its first step). A restarted group loads the
+latest checkpoint, so one that restarts after training but before p_t is on disk holds p_{t-1}
+again: `export` then trains the iteration again before it writes anything.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ class GroupRestarted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model_path: str):
+    def __init__(self, cfg: Config, model_path: str, iteration: int = 0):
+        """Starts the ranks on `model_path`, which is p_`iteration` (0: the base model)."""
         self.cfg = cfg
         # On this node (the head): a 0-CPU actor elsewhere would not keep its node busy, and the
         # autoscaler would remove the node from under it.
-        self.channel = Channel.options(scheduling_strategy=on_this_node()).remote(cfg.train.num_workers, model_path)
+        self.channel = Channel.options(scheduling_strategy=on_this_node()).remote(
+            cfg.train.num_workers, model_path, iteration
+        )
         self.generation = 0  # worker groups seen; goes up on every restart
         self.restarts: list[dict[str, Any]] = []
         self.pids: list[int] = []
@@ -90,11 +95,24 @@ class Trainer:
             finally:
                 feeder.stop()
 
-    def export(self, model_dir: Path, pack_weights: bool = True) -> ray.ObjectRef | None:
-        """Writes the HF checkpoint; returns the object-store ref of the packed weights."""
-        weights = self._call(SpinWorker.export, model_dir=str(model_dir), pack_weights=pack_weights)[0]
-        ray.get(self.channel.set_model_path.remote(str(model_dir)))  # what a restarted group loads
-        return weights
+    def export(
+        self, iteration: int, model_dir: Path, pairs_again: Callable[[], PairStream], pack_weights: bool = True
+    ) -> ray.ObjectRef | None:
+        """Writes p_t (t = `iteration`, just trained) as a HF checkpoint; returns the object-store
+        ref of its packed weights. A group that restarted since training holds p_t if the
+        checkpoint was complete (it exports again), else p_{t-1}: it trains iteration t again on
+        `pairs_again()` first."""
+        while True:
+            try:
+                kwargs = {"iteration": iteration, "model_dir": str(model_dir), "pack_weights": pack_weights}
+                return self._call(SpinWorker.export, again=False, **kwargs)[0]
+            except GroupRestarted:
+                if ray.get(self.channel.holds.remote()) < iteration:
+                    print(
+                        f"[train] the new group holds p_{iteration - 1}: training iteration {iteration} again",
+                        flush=True,
+                    )
+                    self.train(iteration, pairs_again())
 
     def weight_address(self) -> tuple[str, int]:
         return self._call(SpinWorker.weight_address)[0]
@@ -102,8 +120,8 @@ class Trainer:
     def join_weight_group(self, master: str, port: int, world_size: int, timeout_s: float) -> None:
         self._call(SpinWorker.join_weight_group, master=master, port=port, world_size=world_size, timeout_s=timeout_s)
 
-    def broadcast_weights(self, plan: list[list[Spec]]) -> None:
-        self._call(SpinWorker.broadcast_weights, plan=plan)
+    def broadcast_weights(self, iteration: int, plan: list[list[Spec]]) -> None:
+        self._call(SpinWorker.broadcast_weights, iteration=iteration, plan=plan)
 
     def stop(self) -> None:
         self._stopping = True
@@ -111,7 +129,7 @@ class Trainer:
         self._post([Task(self._task_id, None)] * self.world_size)
         self._thread.join(timeout=120)
 
-    def _torch_trainer(self, attempt: int) -> Any:
+    def _torch_trainer(self, attempt: int, max_failures: int) -> Any:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -125,23 +143,29 @@ class Trainer:
             run_config=RunConfig(
                 name=f"spin-train-{attempt}",
                 storage_path=str(Path(self.cfg.run.output_dir).resolve() / "ray_train"),
-                failure_config=FailureConfig(max_failures=t.max_restarts),
+                failure_config=FailureConfig(max_failures=max_failures),
             ),
         )
 
     def _fit(self) -> None:
         """Runs Ray Train until the workers are told to stop. Ray Train restarts the worker group
         itself when a worker process dies; a lost node can instead surface as a controller error
-        it does not retry ("actor unavailable"), and then a new run starts here, up to
-        train.max_restarts times. Its workers say hello and get the interrupted task again."""
-        for attempt in range(self.cfg.train.max_restarts + 1):
+        it does not retry ("actor unavailable"), and then a new run starts here. Both draw on one
+        budget of train.max_restarts new groups. Its workers say hello and get the interrupted task again."""
+        failed_runs = 0
+        while True:
+            restarted = max(0, ray.get(self.channel.groups.remote()) - 1)  # groups after the first, in any run
+            left = self.cfg.train.max_restarts - restarted - failed_runs
+            if left < 0:
+                return
             try:
-                self._torch_trainer(attempt).fit()
+                self._torch_trainer(failed_runs, left).fit()
                 return
             except BaseException as e:  # noqa: BLE001 - surfaced to the coordinator in _call()
                 self._error = e
                 if self._stopping:
                     return
+                failed_runs += 1
                 print(f"[train] Ray Train stopped ({type(e).__name__}); starting a new run", flush=True)
 
     def _call(

@@ -3,7 +3,8 @@
 `worker_loop` is Ray Train's train_loop_per_worker. It says hello to the channel, loads the
 current p_t and then runs the tasks it is given: each names a `SpinWorker` method. The policy a
 rank holds at the end of iteration t is p_t; it becomes the next reference in memory, without a
-reload from disk.
+reload from disk. A rank knows which t it holds, and refuses a task meant for other weights: a
+group restarted from an older checkpoint can never export or send them as p_t.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ from spin_ray.trainer.ds import build_cpu_ops, deepspeed_config, lr_at
 from spin_ray.weights import Spec, pack, send_buckets, weight_group
 
 
+class StaleWeights(RuntimeError):
+    """This rank holds another iteration's weights than the task needs."""
+
+
 class SpinWorker:
-    def __init__(self, cfg: Config, model_path: str):
+    def __init__(self, cfg: Config, model_path: str, holds: int = 0):
         build_cpu_ops()  # before deepspeed.initialize loads it
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,6 +51,8 @@ class SpinWorker:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.beat: Callable[..., None] = lambda what, steps=None: None  # progress for the driver's stall check
         self.next_batch: Callable[[], ray.ObjectRef] = lambda: None  # the channel's next fed batch
+        self.exported: Callable[[str, int], None] = lambda path, t: None  # tells the channel p_t is on disk
+        self.holds = holds  # t of the p_t this rank's policy is
         ds_config = deepspeed_config(cfg)
         # Kept alive so from_pretrained loads straight into ZeRO-3 partitions (a 70B model never
         # exists whole on one rank).
@@ -67,6 +74,10 @@ class SpinWorker:
                 dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
                 self.reference = reference.to(device=self.engine.device, dtype=dtype[cfg.model.dtype])
             self.reference.eval()
+
+    def _expect(self, t: int, task: str) -> None:
+        if self.holds != t:
+            raise StaleWeights(f"rank {self.rank} holds p_{self.holds}, but {task} needs p_{t}")
 
     def _refresh_reference(self) -> None:
         """reference := policy, in memory. Under ZeRO-3 both models are partitioned the same way,
@@ -132,6 +143,7 @@ class SpinWorker:
     def train(self, iteration: int, rows_per_rank: int) -> Trained:
         """Trains p_t from p_{t-1} on the batches fed to this rank (train.epochs passes over its
         `rows_per_rank` pairs); returns the log lines (rank-averaged)."""
+        self._expect(iteration - 1, f"training iteration {iteration}")
         t = self.cfg.train
         if self.reference is not None:
             self._refresh_reference()
@@ -158,6 +170,7 @@ class SpinWorker:
                 if self.rank == 0:
                     shown = " ".join(f"{k} {v:.4f}" for k, v in line.items() if "/" in k or k == "loss")
                     print(f"[train] iteration {iteration} micro-batch {micro}/{micro_steps} {shown}", flush=True)
+        self.holds = iteration
         return Trained(logs, time.perf_counter() - start, micro_steps, os.getpid())
 
     def fed_batches(self, count: int) -> Iterator[dict[str, list]]:
@@ -175,11 +188,12 @@ class SpinWorker:
             for batch in batches:
                 yield batch.to_pydict()
 
-    def export(self, model_dir: str, pack_weights: bool) -> ray.ObjectRef | None:
-        """HF checkpoint (rank 0) and, for the engines' object-store path, the packed weights.
+    def export(self, iteration: int, model_dir: str, pack_weights: bool) -> ray.ObjectRef | None:
+        """p_t as a HF checkpoint (rank 0) and, for the engines' object-store path, the packed weights.
 
         The checkpoint is all a restart needs: each iteration starts a fresh optimizer from p_t,
         so optimizer state is never carried across iterations and is not saved."""
+        self._expect(iteration, f"exporting {model_dir}")
         if self.cfg.train.zero_stage == 3:
             state = zero3_full_state_dict(self.engine)
         else:
@@ -194,6 +208,7 @@ class SpinWorker:
         if final.exists():  # left by an export whose reply was lost to a restart
             shutil.rmtree(final)
         tmp.rename(final)  # atomic: a crash never leaves a half-written checkpoint behind
+        self.exported(str(final), iteration)
         return ray.put(pack(state)) if pack_weights else None
 
     def weight_specs(self) -> list[Spec]:
@@ -210,8 +225,9 @@ class SpinWorker:
     def join_weight_group(self, master: str, port: int, world_size: int, timeout_s: float) -> None:
         self.weight_group = weight_group(master, port, self.rank, world_size, timeout_s)
 
-    def broadcast_weights(self, plan: list[list[Spec]]) -> None:
-        """Every rank sends its own part of each bucket (under ZeRO-3: its own partition)."""
+    def broadcast_weights(self, iteration: int, plan: list[list[Spec]]) -> None:
+        """Every rank sends its own part of p_t's each bucket (under ZeRO-3: its own partition)."""
+        self._expect(iteration, "the weight sync")
         try:
             send_buckets(self.weight_group, plan, dict(self.engine.module.named_parameters()), self.world_size)
         except Exception:
@@ -230,10 +246,11 @@ def worker_loop(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     name_log(f"train-rank{rank}")
     here = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
-    model_path = ray.get(channel.hello.remote(rank, here))
-    worker = SpinWorker(cfg, model_path)
+    model_path, holds = ray.get(channel.hello.remote(rank, here))
+    worker = SpinWorker(cfg, model_path, holds)
     worker.beat = lambda what, steps=None: channel.beat.remote(rank, what, steps)
     worker.next_batch = lambda: channel.next_batch.remote(rank)
+    worker.exported = lambda path, t: ray.get(channel.set_model_path.remote(path, t))
     worker.beat("ready")
     while True:
         task = ray.get(channel.next_task.remote(rank))
@@ -243,6 +260,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         print(f"[train] rank {rank} runs {name} (task {task.id})", flush=True)
         try:
             result = task.method(worker, **task.kwargs)
-        except Exception:  # noqa: BLE001 - reported to the coordinator, which decides what to do
-            result = Failure(f"rank {rank} failed in {name}:\n{traceback.format_exc()}")
+        except Exception as e:  # noqa: BLE001 - reported to the coordinator, which decides what to do
+            frames = traceback.extract_tb(e.__traceback__)
+            in_collective = any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in frames[-3:])
+            result = Failure(f"rank {rank} failed in {name}:\n{traceback.format_exc()}", in_collective)
         ray.get(channel.reply.remote(rank, task.id, result))
