@@ -73,6 +73,9 @@ class GenerationConfig(Section):
         60, gt=0, description="An engine that does not answer a health ping this long is replaced."
     )
     max_restarts: int = Field(8, ge=0, description="Engine replacements allowed per job, all engines together.")
+    batch_timeout_s: float = Field(
+        1800, gt=0, description="A batch (with its wait in the engine's queue) not done by then: engine replaced."
+    )
 
 
 class SpinConfig(Section):

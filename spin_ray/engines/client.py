@@ -26,6 +26,10 @@ Rows = dict[str, list]
 Batch = Callable[[Rows], Rows]  # an engine operation on one batch: engines.generate, partial(engines.score, ...)
 
 
+class EngineUnavailable(RuntimeError):
+    """A live request's engine was lost; the request is not run again."""
+
+
 class Engines:
     def __init__(self, cfg: Config, model_path: str, max_model_len: int):
         # On the driver's node (the head): the pool needs no GPU node to exist, and a 0-CPU actor
@@ -34,18 +38,35 @@ class Engines:
             model_path, cfg.model.dtype, cfg.generation, max_model_len, cfg.run.seed, cfg.run.output_dir
         )
         self.started = self.pool.start.remote()  # engines load while the trainer starts
+        self.g = cfg.generation
 
-    async def _call(self, work: Callable[[Any], ray.ObjectRef], what: str) -> Any:
-        """`work(engine)` on the least-loaded live engine; if that engine is lost meanwhile, the
-        pool replaces it and the work runs again on another."""
+    async def _call(self, work: Callable[[Any], ray.ObjectRef], what: str, again: bool = True) -> Any:
+        """`work(engine)` on the least-loaded live engine. If that engine is lost meanwhile (its
+        process, or vLLM's engine core inside it, died; or it is past generation.batch_timeout_s),
+        the pool replaces it and the work runs again on another (`again`), or EngineUnavailable."""
         while True:
             i, actor_id, engine = await self.pool.acquire.remote()
             try:
-                return await work(engine)
+                return await asyncio.wait_for(work(engine), timeout=self.g.batch_timeout_s)
             except ray.exceptions.RayActorError as e:
-                await self.pool.lost.remote(i, actor_id, f"{what} failed: {type(e).__name__}")
+                cause = f"{what} failed: {type(e).__name__}"
+            except TimeoutError:
+                cause = f"{what} not done within generation.batch_timeout_s={self.g.batch_timeout_s:g} s"
+            except ray.exceptions.RayTaskError as e:
+                if await self._healthy(engine):
+                    raise  # the work's own error (bad input): it would fail anywhere
+                cause = f"{what} failed and the engine's vLLM is dead: {type(e).__name__}"
             finally:
                 self.pool.release.remote(i, actor_id)
+            await self.pool.lost.remote(i, actor_id, cause)
+            if not again:
+                raise EngineUnavailable(cause)
+
+    async def _healthy(self, engine: Any) -> bool:
+        try:
+            return await asyncio.wait_for(engine.ping.remote(), timeout=self.g.health_timeout_s)
+        except Exception:  # noqa: BLE001 - dead, frozen or vLLM's engine core gone
+            return False
 
     def generate(self, rows: Rows, greedy: bool = False) -> Rows:
         """One sampled (or greedy) response per row of `prompt_ids`, seeded per row by `seed`."""
@@ -57,7 +78,7 @@ class Engines:
 
     async def complete(self, prompt_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
         """One live request (serve.live), between the SPIN batches."""
-        return await self._call(lambda e: e.complete.remote(prompt_ids, params), "live request")
+        return await self._call(lambda e: e.complete.remote(prompt_ids, params), "live request", again=False)
 
     def wait_ready(self) -> None:
         ray.get(self.started)

@@ -41,7 +41,12 @@ class Engine:
     @ray.method(concurrency_group="health")
     def ping(self) -> bool:
         """Answered on a side thread, so a long generate call does not look like a hang; a frozen
-        or dead process does not answer at all."""
+        or dead process does not answer at all. Where vLLM runs its engine core in a child
+        process (GPUs, tensor parallelism), this process outlives a dead core: its client's
+        flag says so."""
+        resources = getattr(self.llm.llm_engine.engine_core, "resources", None)
+        if getattr(resources, "engine_dead", False):
+            raise RuntimeError("vLLM's engine core process died")
         return True
 
     def generate(self, batch: dict[str, list], greedy: bool = False) -> dict[str, list]:

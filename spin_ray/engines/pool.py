@@ -53,6 +53,7 @@ class EnginePool:
         self.fatal: str | None = None
         self.changed = asyncio.Condition()
         self.watcher: asyncio.Task | None = None
+        self.replacing: set[asyncio.Task] = set()  # held: a dropped task's error would go unseen
 
     async def start(self) -> None:
         """Creates every engine and waits until all are up (the autoscaler may add nodes)."""
@@ -122,15 +123,24 @@ class EnginePool:
             )
         elif self.fatal is None:  # else shut down, or failed already: nothing to replace it for
             print(f"[health] engine {i} (pid {slot.info.get('pid')}) lost: {cause}; starting a replacement", flush=True)
-            asyncio.create_task(self._replace(i, slot, cause, time.time()))
+            task = asyncio.create_task(self._replace(i, slot, cause, time.time()))
+            self.replacing.add(task)
+            task.add_done_callback(self.replacing.discard)
         async with self.changed:
             self.changed.notify_all()
 
     async def _replace(self, i: int, old: Slot, cause: str, lost_at: float) -> None:
-        tick = time.perf_counter()
-        await self._fill(i)
-        self.generation += 1
-        self._record(i, cause, old.info.get("pid"), self.slots[i], lost_at, time.perf_counter() - tick)
+        """Any failure here (a full disk while recording it, say) ends the job with its cause
+        instead of leaving the slot empty and every caller waiting for it."""
+        try:
+            tick = time.perf_counter()
+            await self._fill(i)
+            self.generation += 1
+            self._record(i, cause, old.info.get("pid"), self.slots[i], lost_at, time.perf_counter() - tick)
+        except Exception as e:  # noqa: BLE001 - made fatal: every waiter gets it
+            self.fatal = self.fatal or f"replacing engine {i} (lost: {cause}) failed: {e!r}"
+        async with self.changed:
+            self.changed.notify_all()
 
     def _record(
         self, i: int, cause: str, old_pid: int | None, new: Slot | None, lost_at: float, recovery_s: float
@@ -210,6 +220,9 @@ class EnginePool:
         if self.watcher:
             self.watcher.cancel()
         live = [s.handle for s in self.slots if s is not None]
-        await asyncio.gather(*(h.shutdown.remote() for h in live), return_exceptions=True)
+        try:  # a frozen engine must not hold the job's end
+            await asyncio.wait_for(asyncio.gather(*(h.shutdown.remote() for h in live), return_exceptions=True), 30)
+        except TimeoutError:
+            pass
         for h in live:
             ray.kill(h, no_restart=True)

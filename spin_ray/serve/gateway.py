@@ -14,15 +14,18 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves the routes' annotations here
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from spin_ray.engines.client import Engines
+from spin_ray.engines.client import Engines, EngineUnavailable
 from spin_ray.private import openai_ingress, openai_request
 from spin_ray.rundir import iteration_of
+
+LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
 
 
 def error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> Any:
@@ -58,6 +61,10 @@ class Gateway:
     async def __serve_build_asgi_app__(self) -> Any:
         app = FastAPI(title="spin-ray")
 
+        @app.exception_handler(Exception)
+        async def failed(request: Request, e: Exception) -> Any:  # never a plain-text 500
+            return error(500, f"internal error: {type(e).__name__}", "server_error")
+
         @app.get("/health")
         async def health() -> dict:
             return {"status": "ok", "models": sorted(self.tokenizers)}
@@ -85,6 +92,12 @@ class Gateway:
 
     def _denied(self, request: Any) -> Any:
         if self.key_digest is None:
+            # Keyless means loopback only: a page on another site that rebinds its DNS name to
+            # 127.0.0.1 still sends its own name as Host.
+            host = request.headers.get("host", "")
+            host = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.split(":")[0]
+            if host not in LOOPBACK:
+                return error(403, f"Host {host!r} is not served without a key", "invalid_request_error")
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and secrets.compare_digest(key_digest(token) or "", self.key_digest):
@@ -98,8 +111,10 @@ class Gateway:
 
         if denied := self._denied(request):
             return denied
-        raw = await request.body()
-        if len(raw) > self.limits["max_body_bytes"]:
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return error(415, "the body must be JSON (Content-Type: application/json)", "invalid_request_error")
+        raw = await self._body(request)
+        if raw is None:
             return error(413, f"request body over {self.limits['max_body_bytes']} bytes", "request_too_large")
         try:
             body = json.loads(raw)
@@ -118,48 +133,63 @@ class Gateway:
             first = e.errors()[0]
             param = ".".join(str(p) for p in first["loc"])
             return error(400, f"{param}: {first['msg']}", "invalid_request_error", param=param)
+        # Counted until answered, failed, or cancelled (Serve cancels the handler when the client
+        # goes); a stream until its last event, or until it is dropped unread.
         self.in_flight += 1
-        if self.engines is not None:
-            try:
-                return await self._live(body, kind, prompt_ids)
-            finally:
-                self.in_flight -= 1
+        release = _once(self._release)
+        streaming = False
         try:
+            if self.engines is not None:
+                return await self._live(parsed, kind, prompt_ids)
             # No raw request downstream: the Authorization header stays in this process.
             response = await openai_request(self.oai, parsed, kind)
+            if hasattr(response, "body_iterator"):
+                response.body_iterator = _counted(response.body_iterator, release)
+                weakref.finalize(response, release)
+                streaming = True
+            return response
+        except EngineUnavailable as e:
+            return error(503, f"{e}; try again", "server_error", code="engine_unavailable")
         except Exception as e:  # noqa: BLE001 - vLLM's 4xx (and any failure) as OpenAI error JSON
-            self.in_flight -= 1
             status = getattr(e, "status_code", 500)
             return error(
                 status,
                 str(getattr(e, "message", None) or e),
                 "invalid_request_error" if status < 500 else "server_error",
             )
-        if hasattr(response, "body_iterator"):  # a stream is in flight until its last event
-            response.body_iterator = self._counted(response.body_iterator)
-        else:
-            self.in_flight -= 1
-        return response
-
-    async def _counted(self, events: Any) -> Any:
-        try:
-            async for event in events:
-                yield event
         finally:
-            self.in_flight -= 1
+            if not streaming:
+                release()
 
-    async def _live(self, body: dict, kind: str, prompt_ids: list[int]) -> Any:
-        """One request on the job's engines, between its SPIN batches; a lost engine is replaced
-        and the request runs again on another."""
-        params = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if body.get(k) is not None}
-        params["max_tokens"] = body["max_tokens"]
+    def _release(self) -> None:
+        self.in_flight -= 1
+
+    async def _body(self, request: Any) -> bytes | None:
+        """The body, or None once it is over the limit (read no further than that)."""
+        limit = self.limits["max_body_bytes"]
+        if int(request.headers.get("content-length") or 0) > limit:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _live(self, parsed: Any, kind: str, prompt_ids: list[int]) -> Any:
+        """One request on the job's engines, between its SPIN batches, with the validated
+        request's settings. Not run again if its engine is lost: a request that kills engines
+        must not use up the job's replacements."""
+        params = {k: getattr(parsed, k) for k in ("temperature", "top_p", "seed", "stop")}
+        params = {k: v for k, v in params.items() if v is not None} | {"max_tokens": parsed.max_tokens}
         async with self.live_turn:
             out = await self.engines.complete(prompt_ids, params)
         reply = {
             "id": f"{kind}-{uuid.uuid4().hex}",
             "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()),
-            "model": f"{body['model']}-iter-{iteration_of(out['serving']) or 0}",
+            "model": f"{parsed.model}-iter-{iteration_of(out['serving']) or 0}",
             "usage": {
                 "prompt_tokens": len(prompt_ids),
                 "completion_tokens": out["tokens"],
@@ -171,7 +201,7 @@ class Gateway:
         else:
             choice = {"index": 0, "text": out["text"]}
         reply["choices"] = [choice | {"finish_reason": out["finish"]}]
-        if body.get("stream"):
+        if parsed.stream:
             return StreamingResponse(_events(reply, kind), media_type="text/event-stream")
         return JSONResponse(reply)
 
@@ -210,7 +240,7 @@ class Gateway:
                 messages = body["messages"]
                 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
             else:
-                ids = tokenizer(body["prompt"])["input_ids"]
+                ids = _completion_prompt(body.get("prompt"), tokenizer)
         except Exception as e:  # noqa: BLE001 - any malformed prompt
             field = "messages" if kind == "chat" else "prompt"
             return error(400, f"{field} could not be read: {e!r}", "invalid_request_error", field), []
@@ -218,6 +248,39 @@ class Gateway:
             message = f"the prompt has {len(ids)} tokens; this server takes at most {self.limits['max_prompt_tokens']}"
             return error(400, message, "invalid_request_error", "messages", "context_length_exceeded"), []
         return None, ids
+
+
+def _completion_prompt(prompt: Any, tokenizer: Any) -> list[int]:
+    """One prompt per request (n=1): a string or token ids, alone or in a list of one; a batch of
+    prompts would slip past the per-prompt limits."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    vocab = len(tokenizer)
+    if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t < vocab for t in prompt):
+        return prompt
+    raise ValueError(f"one prompt per request: a string, or a list of token ids in [0, {vocab})")
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def once() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+
+    return once
+
+
+async def _counted(events: Any, release: Callable[[], None]) -> Any:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        release()
 
 
 def _events(reply: dict, kind: str) -> Iterator[str]:
