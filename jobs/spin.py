@@ -67,12 +67,13 @@ def main(argv: list[str]) -> int:
     from spin_ray.config import ConfigError, load_config
     from spin_ray.data import DataError
     from spin_ray.driver.prepare import prepare
+    from spin_ray.rundir import RunDirBusy
 
     try:
         cfg = load_config(args.config, args.overrides + ["run.verbose=true"] * args.verbose)
         cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
         prepared = prepare(cfg, dry_run=args.dry_run)
-    except (ConfigError, DataError, ValueError) as e:
+    except (ConfigError, DataError, ValueError, RunDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     marks = {"launch": LAUNCHED, "checked": time.time()}

@@ -5,6 +5,7 @@
     iter_<t>/model/  iter_<t>/DONE                         p_t as a HF checkpoint; DONE marks t finished
     iter_<t>/pairs.tmp  prompts.tmp  model.tmp             work in progress (removed or completed on resume)
     metrics.jsonl  events.jsonl  summary.json  report.html  logs/  wandb_run_id  ray_train/
+    run.lock                                               the job using it now: host, pid (see `lock`)
 
 Every file that must never be read half-written goes through `write_atomic`.
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import threading
+import time
 from pathlib import Path
 
 ITERATION = re.compile(r"iter_(\d+)$")
@@ -35,6 +38,72 @@ def write_atomic(path: Path, text: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class RunDirBusy(RuntimeError):
+    """Another job is using the run directory."""
+
+
+HEARTBEAT_S = 10.0  # the lock's holder touches it this often; one silent for 6 beats is stale
+
+
+def lock(root: Path) -> None:
+    """Claims `root` for this process until it exits: a second job on the same run dir would
+    remove the first one's work in progress and write over its files. A lock whose holder is
+    gone (its pid is not running on this host, or, from another host, it stopped beating) is
+    taken over, so a killed job's rerun is never refused."""
+    path, me = root / "run.lock", {"host": socket.gethostname(), "pid": os.getpid()}
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder == me:
+                return  # this process holds it already (a second run in one process)
+            if holder is not None:
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+                raise RunDirBusy(
+                    f"{root} is in use by another job: pid {holder['pid']} on host {holder['host']}, since {since}. "
+                    f"Wait for it to end or stop it, or choose another run.output_dir (if that job is gone, remove {path})."
+                ) from None
+            path.unlink(missing_ok=True)  # stale
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me | {"since": time.time()}, f)
+        break
+
+    def beat() -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            try:
+                os.utime(path)
+            except OSError:
+                return
+
+    threading.Thread(target=beat, name="run-lock", daemon=True).start()
+
+
+def _holder(path: Path) -> dict | None:
+    """Who holds the lock, or None if nobody does any more."""
+    try:
+        age = time.time() - path.stat().st_mtime
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:  # being written by a job starting this instant, or torn by a crash
+        holder = {"host": "?", "pid": "?"}
+    if holder.get("host") == socket.gethostname():
+        if holder["pid"] == os.getpid():
+            return {"host": holder["host"], "pid": holder["pid"]}
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # running, as another user
+        return holder
+    return holder if age < 6 * HEARTBEAT_S else None
 
 
 def iteration_of(path: str | Path) -> int | None:

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -220,12 +221,16 @@ def test_job_rejects_bad_config_before_ray(tmp_path):
     assert proc.returncode == 2 and "train.zero_stage" in proc.stderr
 
 
-def test_resume_trusts_only_complete_artifacts(tmp_path, toy):
-    """A crash leaves half-written files: a resumed run keeps what is whole and redoes the rest."""
+def test_resume_trusts_only_complete_artifacts_and_removes_nothing_finished(tmp_path, toy, monkeypatch):
+    """A crash leaves half-written files: a resumed run keeps what is whole and redoes the rest,
+    but never removes a finished iteration on its own, nor anything when the disk fails to read."""
+    import errno
     import shutil
 
+    import safetensors
+
     from spin_ray.config import load_config
-    from spin_ray.loop.resume import resume_point
+    from spin_ray.loop.resume import ResumeError, resume_point
 
     out = tmp_path / "run"
     cfg = load_config(None, [f"run.output_dir={out}", "spin.iterations=3"])
@@ -238,8 +243,21 @@ def test_resume_trusts_only_complete_artifacts(tmp_path, toy):
         (out / f"iter_{t}" / "DONE").write_text(json.dumps({"global_step": 10 * t}))
     assert resume_point(cfg, "p0", uids).start == 4  # all whole: nothing to redo
 
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors, "safe_open", unreadable)
+        with pytest.raises(ResumeError, match="could not read iteration 1 .*nothing was removed"):
+            resume_point(cfg, "p0", uids)
+
     weights = out / "iter_2" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a truncated checkpoint
+    with pytest.raises(ResumeError, match=r"iteration 2 is marked done, but .* incomplete.*iterations \[3\]"):
+        resume_point(cfg, "p0", uids)
+    assert (out / "iter_3" / "DONE").exists() and weights.exists()  # nothing removed
+
+    (out / "iter_3" / "DONE").unlink()  # iteration 3 never finished: iteration 2 is redone
     pq.write_table(pairs.slice(0, 7), out / "iter_2" / "pairs" / "pairs.parquet")  # 7 of 10 pairs
     point = resume_point(cfg, "p0", uids)
     assert (point.start, point.model_path, point.global_step) == (2, str(out / "iter_1" / "model"), 10)
@@ -247,3 +265,31 @@ def test_resume_trusts_only_complete_artifacts(tmp_path, toy):
     assert not (out / "iter_2" / "DONE").exists() and not (out / "iter_2" / "model").exists()
     assert not (out / "iter_2" / "pairs").exists()  # incomplete pairs are generated again
     assert not (out / "iter_3").exists()  # built on an iteration that never finished
+
+    (out / "iter_1" / "DONE").write_text('{"global_st')  # torn, the last finished iteration: redone
+    said = []
+    assert resume_point(cfg, "p0", uids, said.append).start == 1
+    assert "iteration 1 is marked done, but" in said[0] and (out / "iter_1" / "pairs").exists()
+
+
+def test_a_second_job_on_a_run_dir_is_refused_naming_the_first(tmp_path):
+    import socket
+
+    from spin_ray.rundir import RunDirBusy, lock
+
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": first.pid, "since": 0}))
+        with pytest.raises(RunDirBusy, match=rf"pid {first.pid} on host {socket.gethostname()}"):
+            lock(tmp_path)
+    finally:
+        first.kill()
+        first.wait()
+    lock(tmp_path)  # its holder is gone: taken over
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock(tmp_path)  # a second run in the same process (tests, notebooks) keeps it
+    (tmp_path / "run.lock").write_text(json.dumps({"host": "gpu-node-7", "pid": 12, "since": 0}))
+    with pytest.raises(RunDirBusy, match="pid 12 on host gpu-node-7"):  # beating on another host
+        lock(tmp_path)
+    os.utime(tmp_path / "run.lock", (0, 0))  # silent for a long time: stale
+    lock(tmp_path)

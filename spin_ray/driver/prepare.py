@@ -18,7 +18,7 @@ from spin_ray.config import Config
 from spin_ray.data import Example, TrainingSet, load_sft, read_sft, write_training_set
 from spin_ray.loop.resume import check_unchanged
 from spin_ray.metrics import load_hooks
-from spin_ray.rundir import RunDir
+from spin_ray.rundir import RunDir, lock
 from spin_ray.serve.gateway import key_digest
 from spin_ray.stages import Prepared
 
@@ -79,6 +79,7 @@ def _training_set(cfg: Config, examples: Iterator[Example], dry_run: bool) -> Tr
     tmp = None if dry_run else final.with_name(final.name + ".tmp")
     try:
         if tmp:
+            lock(out)  # before anything is written: a second job on this dir is refused here
             tmp.parent.mkdir(parents=True, exist_ok=True)
         train = write_training_set(examples, tmp, cfg.data.max_examples)
         check_unchanged(cfg, train.fingerprint)

@@ -5,6 +5,9 @@ checkpoint check out are skipped, pair files that hold exactly the prompts of th
 reused, and anything partial or corrupt is removed and redone. A rerun with a different model,
 data or any setting that changes results is refused, with the keys named, unless the user says
 `run.allow_config_change=true`: "resuming" someone else's iterations silently is worse than failing.
+Nothing marked done is ever removed on its own: a finished iteration that does not check out is
+redone only when it is the last one; otherwise, or when the storage fails to read, resume stops
+and says what to move away.
 """
 
 from __future__ import annotations
@@ -53,21 +56,36 @@ def record(cfg: Config, data_fingerprint: str) -> None:
     write_atomic(run.fingerprint, data_fingerprint + "\n")
 
 
-def valid_checkpoint(model_dir: Path) -> bool:
-    """A checkpoint vLLM and transformers can load: config plus readable, complete safetensors."""
-    from safetensors import safe_open
+class ResumeError(RuntimeError):
+    """The run dir cannot be resumed safely; the message says what to move away."""
+
+
+def checkpoint_problem(model_dir: Path) -> str | None:
+    """Why vLLM and transformers could not load this checkpoint (config plus complete
+    safetensors), or None. Raises OSError when the storage itself fails to read: that says
+    nothing about the checkpoint."""
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
     if not (model_dir / "config.json").exists() or not files:
-        return False
-    try:
-        for f in files:
+        return f"{model_dir} has no config.json or no *.safetensors"
+    for f in files:
+        try:
             with safe_open(str(f), "pt") as st:
                 for name in st.keys():  # noqa: SIM118 - safe_open has no __iter__
                     st.get_slice(name)  # reads the header offsets; a truncated file fails here
-    except Exception:  # noqa: BLE001 - any failure to read means "redo it"
-        return False
-    return True
+        except SafetensorError as e:
+            return f"{f} is incomplete ({e})"
+    return None
+
+
+def done_problem(run: RunDir, t: int) -> str | None:
+    """Why finished iteration t cannot be resumed from, or None."""
+    try:
+        run.global_step(t)
+    except (ValueError, KeyError) as e:
+        return f"{run.done(t)} is torn ({e!r})"
+    return checkpoint_problem(run.model(t))
 
 
 def sorted_uids(path: Path) -> pa.Array:
@@ -95,11 +113,22 @@ def resume_point(cfg: Config, base_model: str, uids: pa.Array, say: Callable[[st
     """The first iteration not done, after removing whatever a crash left half-written."""
     run = RunDir(cfg.run.output_dir)
     point = ResumePoint(1, base_model, 0)
-    finished = set(run.finished())
+    finished = run.finished()
     for t in range(1, cfg.spin.iterations + 1):
-        if t in finished and valid_checkpoint(run.model(t)):
-            point = ResumePoint(t + 1, str(run.model(t)), run.global_step(t))
-            continue
+        if t in finished:
+            try:
+                problem = done_problem(run, t)
+            except OSError as e:
+                raise ResumeError(f"could not read iteration {t} in {run.root} ({e!r}); nothing was removed") from e
+            if problem is None:
+                point = ResumePoint(t + 1, str(run.model(t)), run.global_step(t))
+                continue
+            if later := [i for i in finished if i > t]:
+                raise ResumeError(
+                    f"iteration {t} is marked done, but {problem}; iterations {later} were trained from it. "
+                    f"Nothing was removed: move {run.iteration(t)} and later away to redo them, or restore the file."
+                )
+            say(f"[resume] iteration {t} is marked done, but {problem}: redoing it")
         # Not done: keep only its complete pairs (made by p_{t-1}, which is done); anything of a
         # later iteration was built on an iteration that never finished.
         for later in run.iterations():
