@@ -65,7 +65,8 @@ def lock(root: Path) -> None:
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
                 raise RunDirBusy(
                     f"{root} is in use by another job: pid {holder['pid']} on host {holder['host']}, since {since}. "
-                    f"Wait for it to end or stop it, or choose another run.output_dir (if that job is gone, remove {path})."
+                    "Wait for it to end or stop it, or choose another run.output_dir "
+                    f"(if that job is gone, remove {path})."
                 ) from None
             path.unlink(missing_ok=True)  # stale
             continue
