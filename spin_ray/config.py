@@ -145,6 +145,12 @@ class SyncConfig(Section):
     method: Literal["object_store", "broadcast"] = Field("object_store", description="Weight transfer path.")
     bucket_mb: float = Field(32, gt=0, description="Bucket size of the broadcast path, in MiB.")
     timeout_s: float = Field(120, gt=0, description="A broadcast step that stalls this long fails the sync.")
+    max_logprob_mismatch: float = Field(
+        0.1,
+        gt=0,
+        description="Stop when the engines' log-probs of their sampled tokens differ from training's p_{t-1} by "
+        "more than this per token, on average (stale engine weights; ~0 in fp32, ~0.01 in bf16).",
+    )
 
 
 class ServeConfig(Section):

@@ -7,17 +7,19 @@ import torch
 import torch.nn.functional as F
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(token) over response tokens only: prompt and padding are masked out.
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log p(token) of every response token, 0 on prompt and padding; [batch, length - 1].
 
-    logits[:, i] predicts input_ids[:, i + 1], so the mask is shifted the same way. Summed, not
-    averaged, as in the paper: a longer response is a less likely one.
-    """
+    logits[:, i] predicts input_ids[:, i + 1], so the mask is shifted the same way."""
     logits = logits[:, :-1].float()
     targets = input_ids[:, 1:]
-    mask = response_mask[:, 1:]
-    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1)
+    return torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1) * response_mask[:, 1:]
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over response tokens only. Summed, not averaged, as in the paper: a
+    longer response is a less likely one."""
+    return token_logps(logits, input_ids, response_mask).sum(-1)
 
 
 def spin_loss(

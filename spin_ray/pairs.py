@@ -36,6 +36,9 @@ from spin_ray.stages import Generated
 
 Row = dict[str, Any]
 COLUMNS = ["uid", "prompt_ids", "real_ids", "generated_ids"]  # what training reads (SFT: no generated_ids)
+# The engines' log-probs of each generated token, read from the iteration's own pairs only (those
+# of p_{t-1}, the reference): training compares them with its own (gen/logprob_mismatch).
+LOGPS = "generated_logps"
 
 
 @dataclass
@@ -119,7 +122,8 @@ def pair_stream(
     def steps(ranks: int, epochs: int = 1) -> Iterator[list[pa.Table]]:
         rng = np.random.default_rng(seed)
         for _ in range(epochs):
-            sources = [(n, stored_rows(d)) for n, d in zip(counts, dirs, strict=True)]
+            last = len(dirs) - 1 if new is None else None
+            sources = [(n, stored_rows(d, i == last)) for i, (n, d) in enumerate(zip(counts, dirs, strict=True))]
             sources += [(new.expected, generated_rows(new))] if new else []
             rows = window_shuffle(interleave(sources, rng), window, rng)
             yield from deal(score(rows) if score else rows, ranks, batch_size, total)
@@ -133,15 +137,23 @@ def generated_rows(generation: Generation) -> Iterator[Row]:
         path = generation.part(k)
         if path is None:
             return
-        yield from pq.read_table(path, columns=COLUMNS).to_pylist()
+        yield from _with_logps(pq.read_table(path, columns=COLUMNS + [LOGPS]).to_pylist(), True)
 
 
-def stored_rows(pairs_dir: Path) -> Iterator[Row]:
-    """An earlier iteration's pairs, file by file in name order (one file in memory at a time)."""
+def stored_rows(pairs_dir: Path, current: bool = False) -> Iterator[Row]:
+    """Stored pairs, file by file in name order (one file in memory at a time); `current`: the
+    iteration's own (their engine log-probs are kept)."""
     for path in sorted(pairs_dir.glob("*.parquet")):
         file = pq.ParquetFile(path)
-        for batch in file.iter_batches(columns=[c for c in COLUMNS if c in file.schema_arrow.names]):
-            yield from batch.to_pylist()
+        for batch in file.iter_batches(columns=[c for c in COLUMNS + [LOGPS] if c in file.schema_arrow.names]):
+            yield from _with_logps(batch.to_pylist(), current)
+
+
+def _with_logps(rows: list[Row], keep: bool) -> list[Row]:
+    """Every row has the LOGPS key (a batch's columns are its first row's keys), None where not kept."""
+    for row in rows:
+        row[LOGPS] = row.get(LOGPS) if keep else None
+    return rows
 
 
 def stored_count(pairs_dir: Path) -> int:

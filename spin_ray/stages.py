@@ -41,10 +41,14 @@ class Trained:
     seconds: float
     steps: int  # micro batches
     pid: int  # of the rank that reported it
+    # (mean, max) per-token |log p_engine - log p_{t-1}| of the generated tokens; None: none compared
+    logprob_mismatch: tuple[float, float] | None = None
 
     def metrics(self) -> dict[str, float]:
         keys = [k for k in (self.logs[0] if self.logs else {}) if "/" in k or k == "loss"]
         means = {f"train/{k}": float(np.mean([line[k] for line in self.logs])) for k in keys}
+        if self.logprob_mismatch:
+            means |= dict(zip(("gen/logprob_mismatch", "gen/logprob_mismatch_max"), self.logprob_mismatch, strict=True))
         return means | {"train/seconds": self.seconds}
 
 

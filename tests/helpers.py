@@ -57,6 +57,19 @@ def hf_logps(model_dir, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return logps[: len(rows)], logps[len(rows) :]
 
 
+def with_engine_logps(model, table: pa.Table) -> pa.Table:
+    """`table` with the generated tokens' log-probs under `model`, where the engines put them."""
+    rows = table.to_pylist()
+    logps = []
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor([r["prompt_ids"] + r["generated_ids"]])
+            tokens = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            n = len(r["prompt_ids"])
+            logps.append([tokens[n - 1 + i, tok].item() for i, tok in enumerate(r["generated_ids"])])
+    return table.append_column("generated_logps", pa.array(logps))
+
+
 def run_notebook(run_dir: Path):
     """Executes notebooks/spin_run.ipynb on `run_dir`; returns the executed notebook."""
     import os

@@ -96,6 +96,8 @@ def test_metrics_jsonl_and_wandb(run):
         (3, 1.0),
     ]
     assert not any(k.startswith("eval/broken") for x in lines for k in x)
+    # The engines sampled with exactly the weights training holds as p_{t-1} (fp32 both sides).
+    assert all(r["gen/logprob_mismatch"] < 1e-3 and r["gen/logprob_mismatch_max"] < 1e-2 for r in rows), rows
     logged = history(out)
     for key in METRICS:
         assert any(key in r for r in logged), key

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from helpers import dealt, hf_logps, make_trainer, stream_of
+from helpers import dealt, hf_logps, make_trainer, perturbed, stream_of, with_engine_logps
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from spin_ray.pairs import pair_stream
 from spin_ray.trainer.supervisor import TrainerError
@@ -23,8 +24,11 @@ from spin_ray.trainer.supervisor import TrainerError
 
 def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs, tmp_path):
     trainer = make_trainer(toy, tmp_path, "train.zero_stage=3", "train.epochs=2", "spin.stream=false")
+    p0 = AutoModelForCausalLM.from_pretrained(toy.model_dir, dtype=torch.float32).eval()
     try:
-        first = trainer.train(1, stream_of(pairs, tmp_path / "pairs"))
+        first = trainer.train(1, stream_of(with_engine_logps(p0, pairs), tmp_path / "pairs"))
+        # The engines' log-probs (here HF's) of the generated tokens are the reference's: ~0 apart.
+        assert first.logprob_mismatch[0] < 1e-5 and first.logprob_mismatch[1] < 1e-4
         step1 = first.logs[0]
         real, generated = hf_logps(toy.model_dir, pairs)
         # 16 pairs, 8 per rank, one micro batch each: step 1 sees every pair, policy == reference.
@@ -64,8 +68,11 @@ def test_zero2_engine_reference_odd_pairs_same_workers(ray_session, toy, pairs, 
     try:
         pids = set(trainer.pids)
         for t in (1, 2):
-            odd = stream_of(pairs.slice(0, 7), tmp_path / "pairs", batch_size=2, score=with_reference)
+            # Log-probs of engines that were never given p_1: the policy before its first update tells.
+            stale = with_engine_logps(perturbed(toy.model_dir, 0, scale=0.0 if t == 1 else 0.05), pairs.slice(0, 7))
+            odd = stream_of(stale, tmp_path / "pairs", batch_size=2, score=with_reference)
             result = trainer.train(t, odd)  # 7 pairs on 2 ranks: no hang
+            assert (result.logprob_mismatch[0] < 1e-5) if t == 1 else (result.logprob_mismatch[0] > 0.1)
             assert result.steps == 2 and result.pid in pids  # 3 pairs per rank, batches of 2
             if t == 1:
                 assert result.logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

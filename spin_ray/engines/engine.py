@@ -52,14 +52,20 @@ class Engine:
     def generate(self, batch: dict[str, list], greedy: bool = False) -> dict[str, list]:
         """Samples one response per row of `prompt_ids` (seeded per row by `seed`).
 
-        `generated_ids` end with EOS when the response finished there; `generated` is the text.
+        `generated_ids` end with EOS when the response finished there; `generated` is the text;
+        `generated_logps` the log-prob of each of its tokens under the engine's weights (vLLM's
+        raw log-probs: before temperature or top-p), which training checks against its own.
         """
         from vllm import SamplingParams, TokensPrompt
 
         c = self.cfg
         params = [
             SamplingParams(
-                temperature=0.0 if greedy else c.temperature, top_p=c.top_p, max_tokens=c.max_tokens, seed=int(s)
+                temperature=0.0 if greedy else c.temperature,
+                top_p=c.top_p,
+                max_tokens=c.max_tokens,
+                seed=int(s),
+                logprobs=0,  # the sampled token's only
             )
             for s in batch["seed"]
         ]
@@ -68,6 +74,9 @@ class Engine:
         return {
             "generated_ids": [list(o.token_ids) for o in outputs],
             "generated": [o.text for o in outputs],
+            "generated_logps": [
+                [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids, strict=True)] for o in outputs
+            ],
             "generated_tokens": [len(o.token_ids) for o in outputs],
             "prompt_tokens": [len(p) for p in batch["prompt_ids"]],
         }

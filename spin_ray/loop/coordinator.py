@@ -98,6 +98,7 @@ class Coordinator:
                 pairs = self.training_set(t, new, engines)  # (x, y, y') of iterations t, t-1, ... as a stream
                 trained, trained_at = self.train(t, trainer, pairs)  # p_t: prefer y over y', against p_{t-1}
                 generated = self.stored(t, new)  # every pair on disk under its final name
+                self.check_engines(t, trained)  # they sampled with p_{t-1}, not stale weights
                 model_dir, weights = self.export(t, trainer, engines)  # p_t as a HF checkpoint
                 history.append(row.result())  # p_{t-1}'s row: evaluated before the swap, logged before p_t's
                 step = self._record_training(t, trained, step)  # + DONE: the resume point
@@ -209,6 +210,25 @@ class Coordinator:
         if s.reference == "engines" and s.objective == "spin":  # log p_{t-1}, while the engines still hold p_{t-1}
             score = partial(_with_reference, engines=engines, batch_size=self.cfg.generation.batch_size)
         return pair_stream(sources, new, seed + t, s.shuffle_window, self.cfg.train.batch_size, score)
+
+    def check_engines(self, t: int, trained: Trained) -> None:
+        """Stops the run if the engines' log-probs of the tokens they sampled are not training's
+        p_{t-1}'s: pairs from other weights than p_{t-1} would train p_t quietly wrong. The pairs
+        are moved aside (kept to look at), so a rerun generates them again."""
+        mean, worst = trained.logprob_mismatch or (0.0, 0.0)
+        limit = self.cfg.sync.max_logprob_mismatch
+        if mean <= limit:
+            return
+        rejected = self.run_dir.iteration(t) / "pairs.rejected"
+        shutil.rmtree(rejected, ignore_errors=True)
+        self.run_dir.pairs(t).rename(rejected)
+        raise RuntimeError(
+            f"iteration {t}: the engines sampled with other weights than p_{t - 1}: their log-probs of the generated "
+            f"tokens differ from training's by {mean:.4f} per token on average (max {worst:.4f}), over "
+            f"sync.max_logprob_mismatch={limit}. A weight sync went wrong; the pairs are in {rejected}, p_{t} was not "
+            "saved. Rerun the same command to generate them again (raise sync.max_logprob_mismatch only if the engines "
+            "run another dtype or kernels than training)."
+        )
 
     def train(self, t: int, trainer: Trainer, pairs: PairStream) -> tuple[Trained, float]:
         """Returns what training reported and when it ended (perf_counter)."""

@@ -25,7 +25,8 @@ from spin_ray.cluster import free_address
 from spin_ray.config import Config
 from spin_ray.data import pad_pairs
 from spin_ray.logs import name_log
-from spin_ray.loss import sequence_logps, sft_loss, spin_loss, spin_metrics
+from spin_ray.loss import sft_loss, spin_loss, spin_metrics, token_logps
+from spin_ray.pairs import LOGPS
 from spin_ray.private import zero3_full_state_dict
 from spin_ray.stages import Trained
 from spin_ray.trainer.channel import Failure
@@ -53,6 +54,8 @@ class SpinWorker:
         self.next_batch: Callable[[], ray.ObjectRef] = lambda: None  # the channel's next fed batch
         self.exported: Callable[[str, int], None] = lambda path, t: None  # tells the channel p_t is on disk
         self.holds = holds  # t of the p_t this rank's policy is
+        self.mismatch = torch.zeros(3, dtype=torch.float64)  # this iteration's summed |difference|, tokens, max
+        self.first_step = 0  # DeepSpeed's global step when the iteration began
         ds_config = deepspeed_config(cfg)
         # Kept alive so from_pretrained loads straight into ZeRO-3 partitions (a 70B model never
         # exists whole on one rank).
@@ -89,8 +92,31 @@ class SpinWorker:
                 ref.data.copy_(pol.data)
 
     def _logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per response token: [batch, length - 1], 0 elsewhere."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_logps(logits, batch["input_ids"], batch["response_mask"])
+        return token_logps(logits, batch["input_ids"], batch["response_mask"])
+
+    def _compare_engines(self, rows: dict[str, Any], ours: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """The engines' log-probs of the generated tokens they sampled (this iteration's pairs)
+        against ours under p_{t-1} (`ours`: the generated half of the batch): an engine that
+        sampled with other weights than p_{t-1} shows here, whatever the reason."""
+        n = len(rows["prompt_ids"])
+        mask = batch["response_mask"][n:, 1:]
+        for i, theirs in enumerate(rows.get(LOGPS) or []):
+            if theirs:
+                here = ours[i][mask[i]].detach().double().cpu()[: len(theirs)]
+                diff = (here - torch.tensor(theirs[: len(here)], dtype=torch.float64)).abs()
+                self.mismatch[0] += float(diff.sum())
+                self.mismatch[1] += len(diff)
+                self.mismatch[2] = max(float(self.mismatch[2]), float(diff.max()))
+
+    def _mismatch_over_ranks(self) -> tuple[float, float] | None:
+        """(mean, max) per-token |engine - trainer| log-prob difference, over every rank."""
+        totals = self.mismatch[:2].to(self.engine.device)
+        worst = self.mismatch[2:].to(self.engine.device)
+        torch.distributed.all_reduce(totals)
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        return (float(totals[0] / totals[1]), float(worst[0])) if totals[1] else None
 
     def _batch(self, prompts: list, responses: list) -> dict[str, torch.Tensor]:
         padded = pad_pairs([list(p) for p in prompts], [list(r) for r in responses], self.pad_id)
@@ -111,12 +137,17 @@ class SpinWorker:
         batch = self._batch(rows["prompt_ids"] * 2, rows["real_ids"] + rows["generated_ids"])
         if self.reference is not None:
             with torch.no_grad():
-                ref = self._logps(self.reference, batch)
+                ref_tokens = self._logps(self.reference, batch)
+            self._compare_engines(rows, ref_tokens[n:], batch)
+            ref = ref_tokens.sum(-1)
             ref_real, ref_generated = ref[:n], ref[n:]
         else:
             ref_real = torch.as_tensor(rows["ref_real_logps"], dtype=torch.float32, device=self.engine.device)
             ref_generated = torch.as_tensor(rows["ref_generated_logps"], dtype=torch.float32, device=self.engine.device)
-        policy = self._logps(self.engine, batch)
+        policy_tokens = self._logps(self.engine, batch)
+        if self.reference is None and self.engine.global_steps == self.first_step:  # the policy is still p_{t-1}
+            self._compare_engines(rows, policy_tokens[n:], batch)
+        policy = policy_tokens.sum(-1)
         losses, real_rewards, generated_rewards = spin_loss(
             policy[:n], policy[n:], ref_real, ref_generated, self.cfg.spin.beta, self.cfg.spin.loss_type
         )
@@ -127,7 +158,7 @@ class SpinWorker:
     def sft_step(self, rows: dict[str, Any]) -> dict[str, float]:
         """One micro batch of the baseline: the real answers only, no reference."""
         batch = self._batch(rows["prompt_ids"], rows["real_ids"])
-        logps = self._logps(self.engine, batch)
+        logps = self._logps(self.engine, batch).sum(-1)
         loss = sft_loss(logps, batch["response_mask"][:, 1:].sum(-1))
         self.engine.backward(loss)
         self.engine.step()
@@ -148,6 +179,8 @@ class SpinWorker:
         if self.reference is not None:
             self._refresh_reference()
         self._reset_optimizer()
+        self.mismatch = torch.zeros(3, dtype=torch.float64)
+        self.first_step = self.engine.global_steps
         per_epoch = math.ceil(rows_per_rank / t.batch_size)
         micro_steps = per_epoch * t.epochs
         total_steps = max(1, micro_steps // t.grad_accum)
@@ -171,7 +204,7 @@ class SpinWorker:
                     shown = " ".join(f"{k} {v:.4f}" for k, v in line.items() if "/" in k or k == "loss")
                     print(f"[train] iteration {iteration} micro-batch {micro}/{micro_steps} {shown}", flush=True)
         self.holds = iteration
-        return Trained(logs, time.perf_counter() - start, micro_steps, os.getpid())
+        return Trained(logs, time.perf_counter() - start, micro_steps, os.getpid(), self._mismatch_over_ranks())
 
     def fed_batches(self, count: int) -> Iterator[dict[str, list]]:
         """`count` batches from the channel, which sends several at a time; the next message is
