@@ -55,7 +55,13 @@ def main(argv: list[str]) -> int:
     import ray
 
     from spin_ray.serve.app import serve_models
+    from spin_ray.serve.gateway import check_exposure
 
+    try:
+        check_exposure(cfg.serve.host, os.environ.get(cfg.serve.api_key_env), cfg.serve.api_key_env)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not ray.is_initialized():
         # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
         ray.init(num_cpus=max(os.cpu_count() or 1, 2 * len(models) + 2), log_to_driver=False)

@@ -53,7 +53,13 @@ def init_ray(cfg: Config) -> None:
     # Ray warns when more worker processes start than the machine has cores; this job starts
     # one per actor by design, so the warning would be noise on a small machine.
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
-    ray.init(num_cpus=num_cpus, **init)
+    # Every process of a local Ray inherits this one's environment: the keys stay out of it
+    # (the coordinator alone gets the W&B key, spin_ray.driver.job; the serving key never leaves).
+    keys = {k: os.environ.pop(k) for k in ("WANDB_API_KEY", cfg.serve.api_key_env) if k in os.environ}
+    try:
+        ray.init(num_cpus=num_cpus, **init)
+    finally:
+        os.environ.update(keys)
 
 
 def main(argv: list[str]) -> int:

@@ -231,6 +231,7 @@ OPERATIONAL = (
     "generation.start_timeout_s",
     "generation.health_timeout_s",
     "generation.max_restarts",
+    "generation.batch_timeout_s",
     "train.num_cpus",
     "train.resource",
     "train.log_every",

@@ -72,7 +72,15 @@ class Generation:
         tick = time.perf_counter()
         try:
             for batch in batches:
-                pq.write_table(batch, self.tmp / f"part-{self.parts:06d}.parquet")
+                path = self.tmp / f"part-{self.parts:06d}.parquet"
+                try:
+                    pq.write_table(batch, path)
+                except OSError as e:  # a full disk, say: said plainly, and what is stored stays
+                    path.unlink(missing_ok=True)
+                    raise RuntimeError(
+                        f"could not write {path}: {e}. The {self.parts} batches of pairs stored before it are kept; "
+                        "free the space and rerun the same command: it resumes."
+                    ) from e
                 if not self.parts:
                     self.on_first_part()
                 with self._cond:
@@ -137,7 +145,10 @@ def generated_rows(generation: Generation) -> Iterator[Row]:
         path = generation.part(k)
         if path is None:
             return
-        yield from _with_logps(pq.read_table(path, columns=COLUMNS + [LOGPS]).to_pylist(), True)
+        names = pq.read_schema(path).names
+        yield from _with_logps(
+            pq.read_table(path, columns=[c for c in COLUMNS + [LOGPS] if c in names]).to_pylist(), True
+        )
 
 
 def stored_rows(pairs_dir: Path, current: bool = False) -> Iterator[Row]:
@@ -150,9 +161,11 @@ def stored_rows(pairs_dir: Path, current: bool = False) -> Iterator[Row]:
 
 
 def _with_logps(rows: list[Row], keep: bool) -> list[Row]:
-    """Every row has the LOGPS key (a batch's columns are its first row's keys), None where not kept."""
+    """Every pair has the LOGPS key (a batch's columns are its first row's keys), None where not
+    kept; the SFT baseline's rows (no generated answer) have none."""
     for row in rows:
-        row[LOGPS] = row.get(LOGPS) if keep else None
+        if "generated_ids" in row:
+            row[LOGPS] = row.get(LOGPS) if keep else None
     return rows
 
 

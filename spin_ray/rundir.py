@@ -1,6 +1,7 @@
 """The one place that knows a run directory's layout (`run.output_dir`):
 
     config.yaml  data_fingerprint  data/train.parquet     what the run is: settings and data
+    inputs_fingerprint.json                                the start model's files and the eval data
     iter_<t>/pairs/part-*.parquet                          (x, y, y') sampled from p_{t-1}
     iter_<t>/model/  iter_<t>/DONE                         p_t as a HF checkpoint; DONE marks t finished
     iter_<t>/pairs.tmp  prompts.tmp  model.tmp             work in progress (removed or completed on resume)
@@ -120,6 +121,7 @@ class RunDir:
         self.root = Path(root)
         self.config = self.root / "config.yaml"
         self.fingerprint = self.root / "data_fingerprint"
+        self.inputs = self.root / "inputs_fingerprint.json"  # the start model's files and the eval data
         self.train_data = self.root / "data" / "train.parquet"
         self.metrics = self.root / "metrics.jsonl"
         self.events = self.root / "events.jsonl"

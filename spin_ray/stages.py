@@ -7,7 +7,7 @@ are what generation, training and the weight sync report, each turned into its m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +24,7 @@ class Prepared:
     toy: bool
     max_model_len: int
     serve_key_digest: str | None = None  # serve.live's bearer key, hashed: the key stays in the driver
+    inputs: dict[str, str] = field(default_factory=dict)  # fingerprints of the start model and eval data
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 order that replays exactly from disk (what a restarted trainer group and a resumed run get)."""
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -81,3 +82,25 @@ def test_generation_errors_reach_the_reader(tmp_path):
     stream = pair_stream([], generation, seed=0, window=2, batch_size=1)
     with pytest.raises(ConnectionError, match="gave up"):
         list(stream.steps(1))
+
+
+def test_a_full_disk_while_writing_pairs_stops_with_a_clear_error_and_keeps_what_is_stored(tmp_path, monkeypatch):
+    import errno
+
+    write = pq.write_table
+    written = []
+
+    def disk_fills_after_two(table, where, **kwargs):
+        if len(written) == 2:
+            Path(where).write_bytes(b"PAR1 half")  # what a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(where)
+        write(table, where, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", disk_fills_after_two)
+    batches = (pa.table({"uid": [f"u{k}"], "generated_tokens": [3]}) for k in range(4))
+    generation = Generation(batches, tmp_path / "pairs.tmp", 4)
+    with pytest.raises(RuntimeError, match=r"part-000002.parquet: .*No space left.* 2 batches .* kept"):
+        generation.wait()
+    assert sorted(p.name for p in (tmp_path / "pairs.tmp").iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+    assert pq.read_table(tmp_path / "pairs.tmp")["uid"].to_pylist() == ["u0", "u1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ def run_job(
     """Runs the coordinator as an actor on the driver's node (the head, under `ray job submit`),
     so it needs no GPU node to exist; draws its progress and returns its summary."""
     console = console or Console(Path(cfg.run.output_dir), tty=False)
+    key = os.environ.get("WANDB_API_KEY")
+    if cfg.run.wandb_mode == "auto":  # decided here, where the key is: the cluster's processes never see it
+        cfg = cfg.model_copy(deep=True)
+        cfg.run.wandb_mode = "online" if key else "offline"
+    env = {"WANDB_API_KEY": key} if key and cfg.run.wandb_mode == "online" else {}
     # Two threads: `run` works while the driver's console polls `progress_since`.
-    actor = ray.remote(num_cpus=0, max_concurrency=2, scheduling_strategy=on_this_node())(Coordinator)
+    actor = ray.remote(num_cpus=0, max_concurrency=2, scheduling_strategy=on_this_node())(Coordinator).options(
+        runtime_env={"env_vars": env} if env else None
+    )
     coordinator = actor.remote(cfg, prepared, marks)
     return console.follow(coordinator.run.remote(), coordinator.progress_since.remote)

@@ -8,6 +8,8 @@ training set to `run.output_dir/data/train.parquet`; a dry run only counts it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -16,10 +18,10 @@ from pathlib import Path
 
 from spin_ray.config import Config
 from spin_ray.data import Example, TrainingSet, load_sft, read_sft, write_training_set
-from spin_ray.loop.resume import check_unchanged
+from spin_ray.loop.resume import check_unchanged, files_fingerprint
 from spin_ray.metrics import load_hooks
 from spin_ray.rundir import RunDir, lock
-from spin_ray.serve.gateway import key_digest
+from spin_ray.serve.gateway import check_exposure, key_digest
 from spin_ray.stages import Prepared
 
 # vLLM's CPU attention kernels reject other head sizes, and only after ~40 s of start-up.
@@ -64,12 +66,20 @@ def prepare(cfg: Config, dry_run: bool = False) -> Prepared:
         max_prompt_tokens=d.max_prompt_tokens, max_response_tokens=d.max_response_tokens, long_prompts=d.long_prompts
     )
     evaluation = load_sft(eval_path, tokenizer, **load) if eval_path else []
-    train = _training_set(cfg, read_sft(train_path, tokenizer, dedupe=d.dedupe, **load), dry_run)
-    digest = key_digest(os.environ.get(cfg.serve.api_key_env))
-    return Prepared(model_path, train, evaluation, toy, max_model_len, digest)
+    held_out = hashlib.sha256(json.dumps([(e.prompt_ids, e.real_ids) for e in evaluation]).encode())
+    inputs = {
+        "start model files": files_fingerprint(model_path) if Path(model_path).is_dir() else model_path,
+        "eval data": held_out.hexdigest()[:16],
+    }
+    train = _training_set(cfg, read_sft(train_path, tokenizer, dedupe=d.dedupe, **load), inputs, dry_run)
+    api_key = os.environ.get(cfg.serve.api_key_env)
+    if cfg.serve.live:
+        check_exposure(cfg.serve.host, api_key, cfg.serve.api_key_env)
+    digest = key_digest(api_key)
+    return Prepared(model_path, train, evaluation, toy, max_model_len, digest, inputs)
 
 
-def _training_set(cfg: Config, examples: Iterator[Example], dry_run: bool) -> TrainingSet:
+def _training_set(cfg: Config, examples: Iterator[Example], inputs: dict[str, str], dry_run: bool) -> TrainingSet:
     """Writes the training set to run.output_dir/data/train.parquet (a dry run only counts it).
     Bad data, or data other than a stored run's, leaves nothing behind: the file is written
     beside the stored one and replaces it only once everything checks out."""
@@ -82,7 +92,7 @@ def _training_set(cfg: Config, examples: Iterator[Example], dry_run: bool) -> Tr
             lock(out)  # before anything is written: a second job on this dir is refused here
             tmp.parent.mkdir(parents=True, exist_ok=True)
         train = write_training_set(examples, tmp, cfg.data.max_examples)
-        check_unchanged(cfg, train.fingerprint)
+        check_unchanged(cfg, train.fingerprint, inputs)
     except BaseException:
         if tmp:
             tmp.unlink(missing_ok=True)

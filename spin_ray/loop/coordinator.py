@@ -34,7 +34,7 @@ from spin_ray.loop.resume import record, resume_point, sorted_uids
 from spin_ray.loop.sync import WeightSync
 from spin_ray.pairs import Generation, PairStream, Row, pair_stream
 from spin_ray.report import write_report
-from spin_ray.rundir import RunDir
+from spin_ray.rundir import RunDir, write_atomic
 from spin_ray.serve.app import live_endpoint
 from spin_ray.stages import Generated, IterationDone, Prepared, Synced, Trained
 from spin_ray.tracking import Tracker
@@ -76,7 +76,7 @@ class Coordinator:
         self.generating = threading.Event()  # the first iteration's first pairs are made (or none are needed)
         name_log("coordinator")
         streaming_allocators()
-        record(cfg, prepared.train.fingerprint)
+        record(cfg, prepared.train.fingerprint, prepared.inputs)
         self.run_dir.summary.unlink(missing_ok=True)  # a resumed run is not finished until it ends
 
     def run(self) -> dict[str, Any]:
@@ -156,7 +156,7 @@ class Coordinator:
             # seconds from launch; trainer_ready: the last rank's; first_pair: on disk
             "startup_s": {k: v - self.marks["launch"] for k, v in self.marks.items() if k != "launch"},
         }
-        self.run_dir.summary.write_text(json.dumps(summary, indent=2))
+        write_atomic(self.run_dir.summary, json.dumps(summary, indent=2))
         self._report()  # now says "finished"
         return summary
 

@@ -18,6 +18,7 @@ class Progress:
     def __init__(self, iterations: int):
         self.iterations = iterations
         self._events: list[dict[str, Any]] = []
+        self._dropped = 0  # events before _events[0], already read: a 20-iteration job keeps no history
         self._lock = threading.Lock()
         self.seconds: dict[int, dict[str, float]] = {}  # iteration -> {"time/<phase>_s": wall seconds}
 
@@ -49,8 +50,11 @@ class Progress:
             self.seconds.setdefault(t, {})[f"time/{name}_s"] = time.perf_counter() - tick
 
     def read(self, since: int) -> list[dict[str, Any]]:
+        """Events from number `since` on; the reader's cursor says what it has, so those are dropped."""
         with self._lock:
-            return self._events[since:]
+            del self._events[: max(0, since - self._dropped)]
+            self._dropped = max(self._dropped, since)
+            return list(self._events)
 
 
 TABLE = {  # column -> metrics key, for the per-iteration line and the final table

@@ -12,6 +12,8 @@ and says what to move away.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +28,9 @@ from spin_ray.config import OPERATIONAL, Config, ConfigError, flatten
 from spin_ray.rundir import TMP, RunDir, write_atomic
 
 
-def check_unchanged(cfg: Config, data_fingerprint: str) -> None:
-    """Refuses a rerun whose results-changing settings or data differ from the stored run's."""
+def check_unchanged(cfg: Config, data_fingerprint: str, inputs: dict[str, str] | None = None) -> None:
+    """Refuses a rerun whose results-changing settings, data, start model or eval data (`inputs`:
+    fingerprints by name) differ from the stored run's."""
     run = RunDir(cfg.run.output_dir)
     if not run.config.exists():
         return
@@ -41,6 +44,10 @@ def check_unchanged(cfg: Config, data_fingerprint: str) -> None:
     ]
     if stored_fp is not None and stored_fp != data_fingerprint:
         changed.append(f"training data content: fingerprint {stored_fp} -> {data_fingerprint}")
+    stored_inputs = json.loads(run.inputs.read_text()) if run.inputs.exists() else {}
+    for name, fingerprint in (inputs or {}).items():
+        if stored_inputs.get(name, fingerprint) != fingerprint:
+            changed.append(f"{name}: fingerprint {stored_inputs[name]} -> {fingerprint}")
     if changed and not cfg.run.allow_config_change:
         raise ConfigError(
             f"{run.root} holds a run with other settings; resuming it would mix two experiments:\n  "
@@ -49,11 +56,25 @@ def check_unchanged(cfg: Config, data_fingerprint: str) -> None:
         )
 
 
-def record(cfg: Config, data_fingerprint: str) -> None:
+def record(cfg: Config, data_fingerprint: str, inputs: dict[str, str]) -> None:
     run = RunDir(cfg.run.output_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     write_atomic(run.config, cfg.to_yaml())
     write_atomic(run.fingerprint, data_fingerprint + "\n")
+    write_atomic(run.inputs, json.dumps(inputs, indent=2))
+
+
+def files_fingerprint(model_dir: str | Path) -> str:
+    """The start model's files: names, sizes, and the first and last 64 KiB of each (the weights
+    of a 70B model are not read whole for this)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(model_dir).iterdir() if p.is_file()):
+        with path.open("rb") as f:
+            h.update(f"{path.name}:{path.stat().st_size}".encode())
+            h.update(f.read(65536))
+            f.seek(max(0, path.stat().st_size - 65536))
+            h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 class ResumeError(RuntimeError):

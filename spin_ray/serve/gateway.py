@@ -298,6 +298,15 @@ def _events(reply: dict, kind: str) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
+def check_exposure(host: str, api_key: str | None, env: str) -> None:
+    """A keyless endpoint is for this machine only: anyone who can reach it could use the engines."""
+    if not api_key and host not in ("localhost", "127.0.0.1", "::1"):
+        raise ValueError(
+            f"serve.host={host} exposes the endpoint beyond this machine without a key: set {env} to a bearer "
+            "key, or keep serve.host=127.0.0.1"
+        )
+
+
 def key_digest(api_key: str | None) -> str | None:
     """What the gateway keeps of the key: its SHA-256 (the key itself never enters Ray)."""
     return hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
