@@ -86,6 +86,13 @@ def lock(root: Path) -> None:
     threading.Thread(target=beat, name="run-lock", daemon=True).start()
 
 
+def unlock(root: Path) -> None:
+    """Gives the run dir up, if this process holds it (the job ended)."""
+    path = root / "run.lock"
+    if _holder(path) == {"host": socket.gethostname(), "pid": os.getpid()}:
+        path.unlink(missing_ok=True)
+
+
 def _holder(path: Path) -> dict | None:
     """Who holds the lock, or None if nobody does any more."""
     try:

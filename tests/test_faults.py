@@ -123,7 +123,7 @@ def scenario(toy_run):
         observe()
         # Fault 3: the driver dies once iteration 2 is done. Freezing the coordinator first holds
         # the job right there (it would otherwise finish iteration 3 before the kill lands).
-        wait_for("iteration 2 done", lambda: (out / "iter_2" / "DONE").exists(), every=0.02, out=out)
+        wait_for("iteration 2 done", lambda: (out / "iter_2" / "DONE").exists(), timeout=600, every=0.02, out=out)
         coordinator = cluster.actors("Coordinator")[0].pid
         os.kill(coordinator, signal.SIGSTOP)
         os.kill(wait_for("the driver", lambda: driver_pid(cluster)), signal.SIGKILL)

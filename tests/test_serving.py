@@ -107,22 +107,30 @@ def test_32_concurrent_requests_all_answered(server):
     assert len(answers) == 32 and all(isinstance(a, str) for a in answers)
 
 
+JSON = {"content-type": "application/json"}
+
+
 def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(server):
     url, client, _, _ = server
     auth = {"Authorization": f"Bearer {KEY}"}
     good = {"model": SERVED[0], "messages": [{"role": "user", "content": "12+34="}]}
     cases = [
-        ({"content": b"{not json"}, 400, "invalid_json"),
+        ({"content": b"{not json", "headers": JSON}, 400, "invalid_json"),
+        ({"content": b"{}", "headers": {"content-type": "text/plain"}}, 415, "invalid_request_error"),
         ({"json": good | {"model": "gpt-4"}}, 404, "model_not_found"),
         ({"json": good | {"temperature": 5}}, 400, "invalid_request_error"),
         ({"json": good | {"max_tokens": 100_000}}, 400, "invalid_request_error"),
         ({"json": good | {"messages": [{"role": "user", "content": "12+34=" * 20}]}}, 400, "context_length_exceeded"),
         ({"json": good | {"messages": "hello"}}, 400, "invalid_request_error"),
-        ({"content": b"{" + b" " * 20_000 + b"}"}, 413, "request_too_large"),
+        (
+            {"content": b"{" + b" " * 20_000 + b"}", "headers": {"content-type": "application/json"}},
+            413,
+            "request_too_large",
+        ),
     ]
     with httpx.Client(base_url=url, timeout=60) as http:
         for kwargs, status, code in cases:
-            reply = http.post("/chat/completions", headers=auth, **kwargs)
+            reply = http.post("/chat/completions", headers=auth | kwargs.pop("headers", {}), **kwargs)
             assert reply.status_code == status, (kwargs, reply.text)
             assert reply.json()["error"]["code"] == code, reply.text
         assert http.post("/chat/completions", json=good).status_code == 401  # no key

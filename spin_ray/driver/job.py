@@ -12,6 +12,7 @@ from spin_ray.cluster import on_this_node
 from spin_ray.config import Config
 from spin_ray.driver.console import Console
 from spin_ray.loop.coordinator import Coordinator
+from spin_ray.rundir import unlock
 from spin_ray.stages import Prepared
 
 
@@ -31,4 +32,7 @@ def run_job(
         runtime_env={"env_vars": env} if env else None
     )
     coordinator = actor.remote(cfg, prepared, marks)
-    return console.follow(coordinator.run.remote(), coordinator.progress_since.remote)
+    try:
+        return console.follow(coordinator.run.remote(), coordinator.progress_since.remote)
+    finally:
+        unlock(Path(cfg.run.output_dir))  # the next job on this dir (a resume) may start

@@ -130,15 +130,18 @@ class EnginePool:
             self.changed.notify_all()
 
     async def _replace(self, i: int, old: Slot, cause: str, lost_at: float) -> None:
-        """Any failure here (a full disk while recording it, say) ends the job with its cause
-        instead of leaving the slot empty and every caller waiting for it."""
+        """A failure to start the replacement ends the job with its cause instead of leaving the
+        slot empty and every caller waiting for it; one to record it is only said."""
         try:
             tick = time.perf_counter()
             await self._fill(i)
             self.generation += 1
-            self._record(i, cause, old.info.get("pid"), self.slots[i], lost_at, time.perf_counter() - tick)
         except Exception as e:  # noqa: BLE001 - made fatal: every waiter gets it
             self.fatal = self.fatal or f"replacing engine {i} (lost: {cause}) failed: {e!r}"
+        try:  # the record is for reading: a full disk here must not stop the engines
+            self._record(i, cause, old.info.get("pid"), self.slots[i], lost_at, time.perf_counter() - tick)
+        except OSError as e:
+            print(f"[health] could not record engine {i}'s replacement in events.jsonl: {e!r}", flush=True)
         async with self.changed:
             self.changed.notify_all()
 
