@@ -23,6 +23,35 @@ def on_this_node() -> Any:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
+class ActorLost(RuntimeError):
+    """One of the job's head-pinned actors (coordinator, engine pool, trainer channel) died.
+
+    They are not restarted: each owns processes that die with it (the pool its engines, the
+    coordinator everything) or state its peers cannot rebuild (the channel's task in hand), and
+    resume already restarts a run exactly from what is on disk. So the job stops at once."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(
+            f"{' and '.join(names)} died, and this job cannot go on without it (see docs/failures.md). "
+            "Everything finished is on disk: run the same command to resume."
+        )
+
+
+def dead(actors: dict[str, Any], timeout_s: float = 10.0) -> list[str]:
+    """The names of those `actors` (name -> handle) that no longer answer: dead, or frozen."""
+    import ray
+
+    refs = {name: actor.__ray_ready__.remote() for name, actor in actors.items()}
+    ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    lost = []
+    for name, ref in refs.items():
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayError:  # died, or no answer within timeout_s
+            lost.append(name)
+    return lost
+
+
 def free_port() -> int:
     """A free port from the OS's ephemeral range, outside Ray's worker ports."""
     while True:

@@ -48,6 +48,12 @@ class PairStream:
 
     total: int
     steps: Callable[[int, int], Iterator[list[pa.Table]]]
+    new: Generation | None = None  # the generation it follows, if any
+
+    def check(self) -> None:
+        """Raises what ended that generation early: a reader still waiting to start need not wait."""
+        if self.new is not None and self.new.error is not None:
+            raise self.new.error
 
 
 class Generation:
@@ -136,7 +142,7 @@ def pair_stream(
             rows = window_shuffle(interleave(sources, rng), window, rng)
             yield from deal(score(rows) if score else rows, ranks, batch_size, total)
 
-    return PairStream(total, steps)
+    return PairStream(total, steps, new)
 
 
 def generated_rows(generation: Generation) -> Iterator[Row]:

@@ -27,6 +27,7 @@ SMALLEST = {
     "serving": ["--requests", "4", "--concurrency", "1", "--new-tokens", "4"],
     "iteration-curve": ["curve", "--sizes", "64"],
     "iteration-official": ["official", "--rounds", "1"],
+    "soak": ["--iterations", "2"],
 }
 
 

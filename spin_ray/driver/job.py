@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from spin_ray.cluster import on_this_node
+from spin_ray.cluster import ActorLost, on_this_node
 from spin_ray.config import Config
 from spin_ray.driver.console import Console
 from spin_ray.loop.coordinator import Coordinator
@@ -34,5 +34,10 @@ def run_job(
     coordinator = actor.remote(cfg, prepared, marks)
     try:
         return console.follow(coordinator.run.remote(), coordinator.progress_since.remote)
+    except ray.exceptions.RayActorError as e:
+        if isinstance(e, ray.exceptions.RayTaskError):  # the coordinator's own error, of that type
+            raise
+        raise ActorLost(["the coordinator actor"]) from e
     finally:
+        ray.kill(coordinator)  # its run has ended: its processes (and the engines it owns) go now, not when GC says
         unlock(Path(cfg.run.output_dir))  # the next job on this dir (a resume) may start

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from spin_ray.cluster import ActorLost, dead
 from spin_ray.config import Config
 from spin_ray.engines.client import Engines, run_batch, warm_up
 from spin_ray.logs import name_log
@@ -107,6 +108,14 @@ class Coordinator:
                 row = self.beside(self._iteration_row, done, evaluate)
             history.append(row.result())
             self.marks["done"] = time.time()
+        except Exception as e:
+            # A dead helper surfaces as whatever call hit it first: name the real cause.
+            helpers = {"the engine pool": engines.pool}
+            if trainer:
+                helpers["the trainer's channel"] = trainer.channel
+            if lost := dead(helpers):
+                raise ActorLost(lost) from e
+            raise
         finally:  # whatever happened, nothing keeps running (or holding GPUs) after the job
             self._shutdown(engines, trainer)
         return self._summary(history, engines, trainer)

@@ -61,10 +61,10 @@ class Trainer:
     def world_size(self) -> int:
         return self.cfg.train.num_workers
 
-    def wait_ready(self) -> list[Spec]:
-        """Waits until every rank is up; returns (name, shape, dtype) of every weight."""
+    def wait_ready(self, check: Callable[[], None] = lambda: None) -> list[Spec]:
+        """Waits until every rank is up (or `check` raises); returns (name, shape, dtype) of every weight."""
         if self._specs is None:
-            self._specs = self._call(SpinWorker.weight_specs)[0]
+            self._specs = self._call(SpinWorker.weight_specs, check=check)[0]
         return self._specs
 
     def ready_at(self) -> float:
@@ -77,7 +77,7 @@ class Trainer:
         """One SPIN iteration of training on `pairs`, fed to the ranks step by step as they come
         (equal rows per rank, so equal steps). A group that restarts gets the stream again from
         its first step: its order is replayable (spin_ray.pairs)."""
-        self.wait_ready()  # the steps are fed to one known group
+        self.wait_ready(pairs.check)  # the steps are fed to one known group; failed generation ends the wait
         rows_per_rank = pairs.total // self.world_size
         while True:
             feeder = Feeder(self.channel, self.generation, pairs.steps(self.world_size, self.cfg.train.epochs))
