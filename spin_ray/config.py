@@ -52,15 +52,17 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for y'.")
     max_tokens: int = Field(256, gt=0, description="Most new tokens per generated response.")
     num_engines: int = Field(1, gt=0, description="Long-lived vLLM engine actors.")
-    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine (ignored on CPU).")
+    tensor_parallel_size: int = Field(
+        1, gt=0, description="Tensor-parallel ranks per engine: GPUs, or on CPU worker processes."
+    )
     num_gpus: float = Field(
         0, ge=0, description="GPUs per tensor-parallel rank (an engine asks for TP x this); 0 = CPU."
     )
-    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs per engine actor.")
+    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs per engine actor (on CPU: per tensor-parallel rank).")
     resource: str | None = Field(
         None, description="Custom Ray resource each engine asks 1 of, to land on generation nodes."
     )
-    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per engine in GiB (CPU).")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per engine process (TP rank) in GiB (CPU).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM GPU memory share.")
     max_model_len: int | None = Field(None, gt=0, description="vLLM max model length (default: prompt+max_tokens).")
     enforce_eager: bool = Field(True, description="Skip graph capture/compile (start-up cost, no gain on CPU).")
@@ -76,6 +78,11 @@ class GenerationConfig(Section):
     batch_timeout_s: float = Field(
         1800, gt=0, description="A batch (with its wait in the engine's queue) not done by then: engine replaced."
     )
+
+    @property
+    def cpus_per_engine(self) -> float:
+        """What an engine asks Ray for in CPUs: on CPU each tensor-parallel rank is a process."""
+        return self.num_cpus * (self.tensor_parallel_size if self.num_gpus == 0 else 1)
 
 
 class SpinConfig(Section):
@@ -203,8 +210,6 @@ class Config(Section):
             raise ValueError(
                 "spin.stream=true trains on each pair as it is made, once: set train.epochs=1 or spin.stream=false"
             )
-        if self.generation.num_gpus == 0 and self.generation.tensor_parallel_size > 1:
-            raise ValueError("generation.tensor_parallel_size > 1 needs generation.num_gpus > 0")
         if self.sync.method == "broadcast" and self.train.use_gpu != (self.generation.num_gpus > 0):
             raise ValueError(
                 "sync.method=broadcast needs engines and trainer on the same kind of device (NCCL between GPUs, "

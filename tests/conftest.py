@@ -19,6 +19,14 @@ def toy():
 
 
 @pytest.fixture(scope="session")
+def tok(toy):
+    """The toy model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy.model_dir)
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     import ray
 

@@ -32,6 +32,16 @@ def hf_greedy(model, tok, prompts: list[list[int]], max_tokens: int) -> list[lis
     return out
 
 
+def hf_sums(model, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
+    """Summed log p(response | prompt) under an HF model, one sequence at a time."""
+    sums = []
+    for p, r in zip(prompts, responses, strict=True):
+        with torch.no_grad():
+            logp = model(torch.tensor([p + r])).logits[0].log_softmax(-1)
+        sums.append(sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(r)))
+    return sums
+
+
 def perturbed(model_dir, seed: int, scale: float = 0.05):
     """The model with seeded noise on every weight: 'new weights' for a hot-swap."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

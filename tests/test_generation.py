@@ -8,18 +8,13 @@ import psutil
 import pyarrow as pa
 import pytest
 import torch
-from helpers import hf_greedy, make_engines, perturbed, prompt_ids
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from helpers import hf_greedy, hf_sums, make_engines, perturbed, prompt_ids
+from transformers import AutoModelForCausalLM
 
 from spin_ray.engines.client import through_engines
 from spin_ray.weights import pack
 
 MAX_LEN = 256
-
-
-@pytest.fixture(scope="module")
-def tok(toy):
-    return AutoTokenizer.from_pretrained(toy.model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +60,7 @@ def test_score_matches_hf(engines, tok, toy, ray_session):
     prompts = [prompt_ids(tok, "12+34="), prompt_ids(tok, "99+99=", system="answer with digits only")]
     responses = [tok.encode("46<|end|>", add_special_tokens=False), tok.encode("198", add_special_tokens=False)]
     got = ray_session.get(handles[0].score.remote(prompts, responses))
-    for p, r, g in zip(prompts, responses, got, strict=True):
-        with torch.no_grad():
-            logp = model(torch.tensor([p + r])).logits[0].log_softmax(-1)
-        want = sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(r))
-        assert abs(g - want) < 1e-4
+    assert got == pytest.approx(hf_sums(model, prompts, responses), abs=1e-4)
 
 
 def test_hot_swap_matches_hf_greedy_of_new_weights(engines, tok, toy, ray_session):

@@ -124,7 +124,7 @@ class Console:
 def header(cfg: Config, prepared: Prepared) -> str:
     """What runs where, before anything starts."""
     g, t, out = cfg.generation, cfg.train, Path(cfg.run.output_dir)
-    device = f"{g.tensor_parallel_size * g.num_gpus:g} GPU" if g.num_gpus else f"{g.num_cpus:g} CPU"
+    device = f"{g.tensor_parallel_size * g.num_gpus:g} GPU" if g.num_gpus else f"{g.cpus_per_engine:g} CPU"
     where = f", on `{g.resource}` nodes" if g.resource else ""
     reference = "a frozen copy in the trainer" if cfg.spin.reference == "model" else "scored by the engines"
     ray_at = ray_address(cfg) or "a local Ray started by this job"

@@ -140,8 +140,8 @@ def training_memory(cfg: Config, shape: Shape) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class EngineMemory:
-    weights: float  # per GPU (on CPU: the whole engine)
-    kv_cache: float  # per GPU (on CPU: the whole engine)
+    weights: float  # per tensor-parallel rank (a GPU, or on CPU a process)
+    kv_cache: float  # per tensor-parallel rank
     kv_token: float  # bytes one token takes in the whole engine's KV cache
     kv_tokens: int  # tokens the whole engine's KV cache holds
 
@@ -150,13 +150,12 @@ def engine_memory(cfg: Config, shape: Shape, gpu_gib: float) -> EngineMemory:
     g = cfg.generation
     b = DTYPE_BYTES[cfg.model.dtype]
     kv_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * b  # K and V of every layer
-    if g.num_gpus == 0:
-        kv = g.kv_cache_gib * 2**30
-        return EngineMemory(shape.params * b, kv, kv_token, int(kv / kv_token))
     tp = g.tensor_parallel_size
     weights = shape.params * b / tp
-    # An upper bound: vLLM also sets aside its profiled activation peak (and CUDA graphs).
-    kv = max(0.0, g.gpu_memory_utilization * gpu_gib * 2**30 - weights)
+    if g.num_gpus == 0:
+        kv = g.kv_cache_gib * 2**30  # vLLM's kv_cache_memory_bytes is per rank
+    else:  # an upper bound: vLLM also sets aside its profiled activation peak (and CUDA graphs)
+        kv = max(0.0, g.gpu_memory_utilization * gpu_gib * 2**30 - weights)
     return EngineMemory(weights, kv, kv_token, int(kv * tp / kv_token))
 
 

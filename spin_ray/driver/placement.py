@@ -139,7 +139,7 @@ class Group:
 def groups(cfg: Config) -> list[Group]:
     """What the job asks Ray for, as generation.launch_engine and training.Trainer ask."""
     g, t = cfg.generation, cfg.train
-    engine = {"CPU": g.num_cpus, "GPU": g.num_gpus * g.tensor_parallel_size, g.resource: 1}
+    engine = {"CPU": g.cpus_per_engine, "GPU": g.num_gpus * g.tensor_parallel_size, g.resource: 1}
     worker = {"CPU": t.num_cpus, "GPU": 1 if t.use_gpu else 0, t.resource: 1}
     return [Group("engines", g.num_engines, _asked(engine)), Group("workers", t.num_workers, _asked(worker))]
 

@@ -166,7 +166,9 @@ def _memory(cfg: Config, prepared: Prepared, shape: Shape, cluster: Cluster, pro
     else:
         verdict = "OK"
     where = (
-        f"per GPU (TP {g.tensor_parallel_size}, {g.gpu_memory_utilization:g} of the GPU)" if g.num_gpus else "in RAM"
+        f"per GPU (TP {g.tensor_parallel_size}, {g.gpu_memory_utilization:g} of the GPU)"
+        if g.num_gpus
+        else f"in RAM per process (TP {g.tensor_parallel_size})"
     )
     batch = g.batch_size * (d.max_prompt_tokens + g.max_tokens)
     lines += [

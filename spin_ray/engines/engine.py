@@ -142,18 +142,21 @@ class Engine:
 
 def engine_kwargs(cfg: GenerationConfig, max_model_len: int) -> dict[str, Any]:
     """vLLM engine settings beyond model, dtype and seed (the job's engines and Serve's alike)."""
-    kwargs: dict[str, Any] = {"max_model_len": max_model_len, "enforce_eager": cfg.enforce_eager}
+    kwargs: dict[str, Any] = {
+        "max_model_len": max_model_len,
+        "enforce_eager": cfg.enforce_eager,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+    }
     if cfg.num_gpus == 0:
         # A prompt prefilled over two steps makes vLLM 0.32 rewind the request's seeded
         # generator, which CPU generators can't ("CPU Generator does not use offset"): prefill
         # whole prompts only. Every prompt still fits one step's token budget.
         kwargs |= {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30), "enable_chunked_prefill": False}
         kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
+        if cfg.tensor_parallel_size > 1:  # the GPU shape: an engine core process and a process per rank
+            kwargs["distributed_executor_backend"] = "mp"
     else:
-        kwargs |= {
-            "gpu_memory_utilization": cfg.gpu_memory_utilization,
-            "tensor_parallel_size": cfg.tensor_parallel_size,
-        }
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     return kwargs
 
 
@@ -161,9 +164,14 @@ def engine_env(cfg: GenerationConfig) -> dict[str, str]:
     """Environment of an engine process (the job's engines and Serve's alike)."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if cfg.num_gpus == 0:
-        # In-process engine: half the memory and start-up of multiprocess mode on CPU; one OMP
-        # thread per engine, since more threads than cores ran 10-20x slower.
-        env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        # TP 1: an in-process engine, half the memory and start-up of multiprocess mode on CPU.
+        # One OMP thread per process, since more threads than cores ran 10-20x slower.
+        multiprocess = "1" if cfg.tensor_parallel_size > 1 else "0"
+        env |= {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": multiprocess,
+            "OMP_NUM_THREADS": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        }
         # Inductor's vector-ISA probe compiles and loads a test program from the current directory;
         # when that fails (seen on autoscaled nodes sharing one machine's caches) it picks "no
         # vectors" yet reuses vectorized kernels from the shared cache, and vLLM's compiled sampler
@@ -181,7 +189,7 @@ def launch_engine(model_path: str, dtype: str, cfg: GenerationConfig, max_model_
     # Work runs one call at a time (`LLM` is not thread-safe); queued batches wait in the actor's
     # mailbox, so the engine never idles between them. Health pings get a thread of their own.
     actor = ray.remote(concurrency_groups={"health": 1})(Engine).options(
-        num_cpus=cfg.num_cpus,
+        num_cpus=cfg.cpus_per_engine,
         num_gpus=cfg.num_gpus * cfg.tensor_parallel_size,
         resources={cfg.resource: 1} if cfg.resource else None,
         runtime_env={"env_vars": env},

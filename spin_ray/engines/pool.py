@@ -77,7 +77,7 @@ class EnginePool:
             except TimeoutError:
                 c = self.cfg
                 self.fatal = (
-                    f"engine {i} not ready after {c.start_timeout_s:.0f} s. It asks for CPU={c.num_cpus}, "
+                    f"engine {i} not ready after {c.start_timeout_s:.0f} s. It asks for CPU={c.cpus_per_engine:g}, "
                     f"GPU={c.num_gpus * c.tensor_parallel_size}"
                     f"{', ' + c.resource + '=1' if c.resource else ''}; the cluster has "
                     f"{ray.cluster_resources()}. Fix generation.* (or raise generation.start_timeout_s while the "

@@ -64,8 +64,7 @@ class WeightSync:
         now = (self.engines.stats()["generation"], self.trainer.generation)
         if now == self.connected:
             return
-        g, timeout = self.cfg.generation, self.cfg.sync.timeout_s
-        tp = g.tensor_parallel_size if g.num_gpus else 1
+        tp, timeout = self.cfg.generation.tensor_parallel_size, self.cfg.sync.timeout_s
         senders = self.trainer.world_size
         world_size = senders + len(engines) * tp
         master, port = self.trainer.weight_address()

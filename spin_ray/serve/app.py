@@ -54,6 +54,10 @@ def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int) -> A
     env = engine_env(g)
     if g.num_gpus == 0:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # Serve LLM runs vLLM's async engine in its own process
+        # One process per replica: Serve LLM would run TP ranks as Ray actors (its executor), which
+        # no test here runs on CPU; tensor parallelism on CPU is for the job's engines.
+        engine |= {"tensor_parallel_size": 1}
+        engine.pop("distributed_executor_backend", None)
         bundles = [{"CPU": g.num_cpus}]
     else:
         bundles = [{"GPU": g.num_gpus, "CPU": 1}] * g.tensor_parallel_size
