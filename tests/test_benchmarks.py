@@ -1,5 +1,6 @@
 """Every benchmark script still runs, at its smallest size: an API change breaks this test, not the
-next user's benchmark. Nothing is timed here; the scripts print their own ratios."""
+next user's benchmark. Nothing is timed here; the scripts print their own ratios. These runs take
+15 minutes on 2 cores, so they are a tier of their own (`pytest -m bench`), outside the default run."""
 
 import os
 import subprocess
@@ -37,6 +38,7 @@ def test_every_script_has_a_smoke_run():
 
 
 @pytest.mark.e2e
+@pytest.mark.bench
 @pytest.mark.parametrize("name", SMALLEST)
 def test_benchmark_runs_at_its_smallest_size(name):
     script = ROOT / "benchmarks" / f"{name.split('-')[0]}.py"
