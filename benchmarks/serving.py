@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,17 +23,13 @@ from pathlib import Path
 import httpx
 from models import make_llama
 
+from spin_ray.cluster import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MAX_MODEL_LEN = 128
 KV_BYTES = 2**28
 # One OpenMP thread per engine, as the job's engines and Serve's replicas run (spin_ray.engines.engine).
 ENGINE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def load(url: str, model: str, requests: int, concurrency: int, new_tokens: int) -> dict[str, float]:

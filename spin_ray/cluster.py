@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import socket
+from pathlib import Path
 from typing import Any
 
 from spin_ray.config import Config
@@ -53,13 +55,23 @@ def dead(actors: dict[str, Any], timeout_s: float = 10.0) -> list[str]:
 
 
 def free_port() -> int:
-    """A free port from the OS's ephemeral range, outside Ray's worker ports."""
-    while True:
+    """A free port between Ray's worker ports and the OS's ephemeral range. Not in the ephemeral
+    range: every outbound connection takes a port from there, so one picked there can be taken
+    before its server binds it (a toy job's live endpoint once failed so, a minute after the pick)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:  # not Linux: the IANA range
+        low = 49152
+    low = max(low, RAY_WORKER_PORTS.stop + 1000)  # a range that low would be ephemeral anyway
+    for _ in range(1000):
+        port = random.randrange(RAY_WORKER_PORTS.stop, low)
         with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        if port not in RAY_WORKER_PORTS:
-            return port
+            try:
+                s.bind(("", port))
+            except OSError:  # in use
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port in {RAY_WORKER_PORTS.stop}-{low - 1}")
 
 
 def free_address() -> tuple[str, int]:

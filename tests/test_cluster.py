@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spin_ray.cluster import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 GPU_TYPES = {"gen_gpu": "generation", "train_gpu": "train"}
@@ -115,3 +117,12 @@ def test_spin_config_matches_cluster(raw):
     for section, name in sorted(keys):
         fields = Config.model_fields[section].annotation.model_fields
         assert name in fields, f"cluster.yaml mentions {section}.{name}, which spin_ray.config does not have"
+
+
+def test_free_ports_are_outside_rays_worker_ports_and_the_ephemeral_range():
+    """A port from the ephemeral range can be taken by any outbound connection before its server
+    binds it (the toy job's live endpoint once failed to start so)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert all(20000 <= p < low for p in ports)
+    assert len(set(ports)) > 150  # random: two callers in a row rarely get the same one
