@@ -3,6 +3,8 @@
     python jobs/serve.py runs/toy                         # the latest iteration, as spin-iter-<t>
     python jobs/serve.py runs/toy --iteration all         # every finished iteration at once
     python jobs/serve.py /models/my-sft --port 8001 generation.num_gpus=1 model.dtype=bfloat16
+    python jobs/serve.py runs/lora --iteration all        # a LoRA run: its adapters on one base model
+    python jobs/serve.py runs/lora --merged               # ... or its merged checkpoints (export_merged)
 
 A run dir's own config.yaml gives the engine settings (`generation.*`, `model.dtype`) and the
 prompt limit; `serve.*` keys and overrides apply on top. Binds 127.0.0.1 unless --host says
@@ -24,6 +26,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="a run dir (run.output_dir) or a Hugging Face model dir")
     parser.add_argument("--iteration", default="latest", help="N, latest or all (run dirs only)")
+    parser.add_argument("--merged", action="store_true", help="a LoRA run's merged checkpoints, not its adapters")
     parser.add_argument("--host", help="bind address (default serve.host: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default serve.port: 8000)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. serve.max_tokens=64")
@@ -32,16 +35,18 @@ def main(argv: list[str]) -> int:
     from transformers import AutoConfig
 
     from spin_ray.config import ConfigError, load_config
+    from spin_ray.lora import split
     from spin_ray.serve.app import checkpoints, max_model_len
 
     stored = Path(args.path) / "config.yaml"
     flags = [f"serve.host={args.host}"] * bool(args.host) + [f"serve.port={args.port}"] * bool(args.port)
     try:
         cfg = load_config(stored if stored.exists() else None, [*args.overrides, *flags])
-        models = checkpoints(args.path, args.iteration)
+        models = checkpoints(args.path, args.iteration, args.merged)
         length = max_model_len(cfg)
         longest = min(
-            getattr(AutoConfig.from_pretrained(d), "max_position_embeddings", length) for d in models.values()
+            getattr(AutoConfig.from_pretrained(split(str(d))[0]), "max_position_embeddings", length)
+            for d in models.values()
         )
         if length > longest:
             raise ConfigError(

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]  # vLLM 0.32's LoRAConfig.max_lora_rank
 
 
 class ConfigError(ValueError):
@@ -78,6 +80,9 @@ class GenerationConfig(Section):
     batch_timeout_s: float = Field(
         1800, gt=0, description="A batch (with its wait in the engine's queue) not done by then: engine replaced."
     )
+    max_lora_rank: LoraRank | None = Field(
+        None, description="vLLM's LoRA slot size; null = no LoRA, or with train.lora the smallest that holds its r."
+    )
 
     @property
     def cpus_per_engine(self) -> float:
@@ -114,6 +119,16 @@ class SpinConfig(Section):
         return self.stream and self.objective == "spin"
 
 
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, le=512, description="LoRA rank (vLLM takes up to 512).")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (the update is alpha/r * B A).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input while training.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Linear layers that get an adapter (names as in the model, e.g. q_proj)."
+    )
+    export_merged: bool = Field(False, description="Also write iter_<t>/merged: base + adapter as one full checkpoint.")
+
+
 class TrainConfig(Section):
     lr: float = Field(5e-7, gt=0, description="Peak learning rate.")
     epochs: int = Field(1, gt=0, description="Epochs over each iteration's pairs.")
@@ -138,6 +153,16 @@ class TrainConfig(Section):
     )
     start_timeout_s: float = Field(900, gt=0, description="Fail if a worker group is not up by then.")
     stall_timeout_s: float = Field(1800, gt=0, description="Fail if a train rank shows no progress this long.")
+    lora: LoraConfig | None = Field(None, description="A LoRA adapter on frozen base weights; null = full fine-tuning.")
+
+
+class LmEvalConfig(Section):
+    tasks: list[str] = Field(min_length=1, description="lm-evaluation-harness tasks or groups, e.g. arc_challenge.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt (None: each task's own).")
+    limit: int | None = Field(None, gt=0, description="Score only the first N documents of each task.")
+    include_path: str | None = Field(None, description="A dir of task YAMLs of your own (local data).")
+    chat_template: bool = Field(False, description="Wrap each prompt in the model's chat template.")
+    batch_size: int = Field(64, gt=0, description="Requests per engine call.")
 
 
 class EvalConfig(Section):
@@ -146,6 +171,7 @@ class EvalConfig(Section):
         description="`pkg.module:function`s called with (checkpoint dir, iteration) after each iteration; "
         "their dict is logged under eval/<function>/.",
     )
+    lm_eval: LmEvalConfig | None = Field(None, description="lm-eval tasks run on p_0 and each p_t by the engines.")
 
 
 class SyncConfig(Section):
@@ -215,42 +241,35 @@ class Config(Section):
                 "sync.method=broadcast needs engines and trainer on the same kind of device (NCCL between GPUs, "
                 "gloo between CPUs): set train.use_gpu and generation.num_gpus alike, or use sync.method=object_store"
             )
+        if lora := self.train.lora:
+            g = self.generation
+            g.max_lora_rank = g.max_lora_rank or min(r for r in get_args(LoraRank) if r >= lora.r)
+            if lora.r > g.max_lora_rank:
+                raise ValueError(
+                    f"train.lora.r={lora.r} is above generation.max_lora_rank={g.max_lora_rank}: the engines could "
+                    "not load the adapter; raise generation.max_lora_rank or lower train.lora.r"
+                )
+            if self.sync.method == "broadcast":
+                raise ValueError(
+                    "train.lora syncs only the adapter, through the object store: sync.method=object_store"
+                )
         return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
 
-# Keys that change where and how fast a run goes, never what it computes.
-OPERATIONAL = (
-    "spin.iterations",
-    "generation.num_engines",
-    "generation.num_gpus",
-    "generation.num_cpus",
-    "generation.resource",
-    "generation.kv_cache_gib",
-    "generation.gpu_memory_utilization",
-    "generation.enforce_eager",
-    "generation.batch_size",
-    "generation.max_in_flight",
-    "generation.start_timeout_s",
-    "generation.health_timeout_s",
-    "generation.max_restarts",
-    "generation.batch_timeout_s",
-    "train.num_cpus",
-    "train.resource",
-    "train.log_every",
-    "train.max_restarts",
-    "train.stall_timeout_s",
-    "sync.",
-    "eval.",  # hooks only add metrics
-    "serve.",
-    "run.output_dir",
-    "run.ray_address",
-    "run.wandb_project",
-    "run.wandb_mode",
-    "run.verbose",
-    "run.allow_config_change",
+# Keys that change where and how fast a run goes, never what it computes (a prefix ending in "."
+# names a whole section: eval only adds metrics).
+OPERATIONAL = tuple(
+    """
+    spin.iterations generation.num_engines generation.num_gpus generation.num_cpus generation.resource
+    generation.kv_cache_gib generation.gpu_memory_utilization generation.enforce_eager generation.batch_size
+    generation.max_in_flight generation.start_timeout_s generation.health_timeout_s generation.max_restarts
+    generation.batch_timeout_s generation.max_lora_rank train.num_cpus train.resource train.log_every
+    train.max_restarts train.stall_timeout_s sync. eval. serve. run.output_dir run.ray_address run.wandb_project
+    run.wandb_mode run.verbose run.allow_config_change
+    """.split()
 )
 
 
@@ -308,9 +327,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def reference_markdown() -> str:
     """The config reference table for the README, generated so docs and defaults never drift."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
-    for section_name, section in Config.model_fields.items():
-        for name, field in section.annotation.model_fields.items():  # type: ignore[union-attr]
-            lines.append(f"| `{section_name}.{name}` | `{field.default!r}` | {field.description} |")
+    sections = [(name, field.annotation) for name, field in Config.model_fields.items()]
+    sections.insert(5, ("train.lora", LoraConfig))  # sub-sections: after their section's own keys
+    sections.insert(7, ("eval.lm_eval", LmEvalConfig))
+    for section_name, section in sections:
+        for name, field in section.model_fields.items():  # type: ignore[union-attr]
+            default = "(required)" if field.is_required() else f"`{field.default!r}`"
+            lines.append(f"| `{section_name}.{name}` | {default} | {field.description} |")
     return "\n".join(lines)
 
 

@@ -58,14 +58,26 @@ def spin_metrics(
     generated_rewards: torch.Tensor,
     policy_real_logps: torch.Tensor,
     policy_generated_logps: torch.Tensor,
+    identical: torch.Tensor,
+    lengths: tuple[torch.Tensor, torch.Tensor],
 ) -> dict[str, float]:
-    """The DPO-style metrics users compare across TRL, OpenRLHF and the official SPIN code."""
+    """The DPO-style metrics users compare across TRL, OpenRLHF and the official SPIN code, and
+    where SPIN's signal comes from: a pair whose y' equals y (`identical`) has margin 0 and no
+    gradient, so its accuracy is "cannot tell", not "told wrong". The `*_distinct` figures are
+    over the other pairs, as shares of the whole batch: `stages.distinct_only` makes them means."""
+    margins = real_rewards - generated_rewards
+    distinct = (~identical).float()
     return {
         "loss": losses.mean().item(),
         "rewards/real": real_rewards.mean().item(),
         "rewards/generated": generated_rewards.mean().item(),
-        "rewards/margins": (real_rewards - generated_rewards).mean().item(),
-        "rewards/accuracies": (real_rewards > generated_rewards).float().mean().item(),
+        "rewards/margins": margins.mean().item(),
+        "rewards/accuracies": (margins > 0).float().mean().item(),
+        "rewards/margins_distinct": (margins * distinct).mean().item(),
+        "rewards/accuracies_distinct": ((margins > 0).float() * distinct).mean().item(),
+        "pairs/identical": identical.float().mean().item(),
         "logps/real": policy_real_logps.detach().mean().item(),
         "logps/generated": policy_generated_logps.detach().mean().item(),
+        "lengths/real": lengths[0].float().mean().item(),
+        "lengths/generated": lengths[1].float().mean().item(),
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -72,3 +73,18 @@ def run_hooks(
         except Exception:  # noqa: BLE001 - a user's evaluation must not end a run of many hours
             say(f"[eval] hook {name} failed on iteration {iteration}; skipped:\n{traceback.format_exc(limit=-3)}")
     return metrics
+
+
+def check_tasks(tasks: list[str], include_path: str | None) -> None:
+    """Refuses lm-eval task names that lm-eval (with the user's own task dir) does not know,
+    and a missing lm-eval, before anything starts."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ValueError("eval.lm_eval needs lm-evaluation-harness: pip install -e '.[eval]'") from None
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ValueError(f"eval.lm_eval.include_path={include_path}: no such directory")
+    known = TaskManager(include_path=include_path).all_tasks
+    if missing := [t for t in tasks if t not in known]:
+        where = f" nor in eval.lm_eval.include_path={include_path}" if include_path else ""
+        raise ValueError(f"eval.lm_eval.tasks: {missing} are not lm-eval tasks{where}")

@@ -21,11 +21,22 @@ if TYPE_CHECKING:
 # generated side) is left out.
 TRAINING_PANELS = {
     "SPIN loss": ["train/loss"],
-    "reward accuracy": ["train/rewards/accuracies"],
-    "reward margin (real - generated)": ["train/rewards/margins"],
+    "reward accuracy": ["train/rewards/accuracies", "train/rewards/accuracies_distinct"],
+    "reward margin (real - generated)": ["train/rewards/margins", "train/rewards/margins_distinct"],
+    "pairs with y' = y (no gradient)": ["train/pairs/identical"],
     "log-prob, summed over the response": ["train/logps/real", "train/logps/generated"],
+    "response length, tokens": ["train/lengths/real", "train/lengths/generated"],
 }
-SERIES_LABELS = {"train/logps/real": "real y", "train/logps/generated": "generated y'"}
+SERIES_LABELS = {
+    "train/logps/real": "real y",
+    "train/logps/generated": "generated y'",
+    "train/lengths/real": "real y",
+    "train/lengths/generated": "generated y'",
+    "train/rewards/accuracies": "all pairs",
+    "train/rewards/margins": "all pairs",
+    "train/rewards/accuracies_distinct": "pairs with y' != y",
+    "train/rewards/margins_distinct": "pairs with y' != y",
+}
 # The job logs each phase's wall time as `time/<phase>_s` (spin_ray.loop.progress.Progress), in this order.
 ITERATION = "time/iteration_s"
 PHASE_ORDER = ["time/generate_s", "time/reference_s", "time/train_s", "time/export_s", "time/sync_s", "time/eval_s"]

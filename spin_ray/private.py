@@ -45,6 +45,31 @@ def model_card(name: str, llm_config: Any) -> Any:
     return to_model_metadata(name, llm_config)
 
 
+def local_adapter_loader(adapters: dict[str, str]) -> type:
+    """A Serve LLM adapter loader that finds each LoRA adapter in a local dir ({adapter name:
+    dir}), for `build_llm_deployment(bind_kwargs={"model_downloader": ...})`. Ray 2.60's own
+    loader reads adapters from cloud storage only (lora_config.dynamic_lora_loading_path must be
+    s3://, gs:// or abfss://), and the loader class, its result type and the id counter are private.
+    Defined here so the class, with `adapters`, travels to the replicas by value; the id counter
+    is imported in the replica, since the class would otherwise carry the driver's (and its lock)."""
+    from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+
+    class LocalAdapters(LoraModelLoader):
+        async def load_model_from_config(self, lora_model_id: str, llm_config: Any) -> Any:
+            from ray.llm._internal.common.models import global_id_manager
+            from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+
+            name = lora_model_id.split(":", 1)[1]  # Serve LLM's "<base model id>:<adapter>"
+            return DiskMultiplexConfig(
+                model_id=lora_model_id,
+                max_total_tokens=None,
+                local_path=adapters[name],
+                lora_assigned_int_id=global_id_manager.next(),
+            )
+
+    return LocalAdapters
+
+
 def nccl_options(timeout: timedelta) -> Any:
     """NCCL group options whose timeout is honoured; torch 2.13 exposes the field only as
     `_timeout` when a group is built from a store directly (`init_process_group` takes it public)."""

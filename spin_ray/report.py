@@ -44,6 +44,8 @@ CONFIG_HIGHLIGHTS = [
     "train.schedule",
     "train.epochs",
     "train.batch_size",
+    "train.lora.r",
+    "train.lora.target_modules",
     "generation.temperature",
     "generation.max_tokens",
 ]
@@ -124,7 +126,8 @@ def render(run: Run) -> str:
             "training",
             "Training",
             "Per logged step (thin) and iteration means (thick). Rewards are beta * (log p(y|x) - log p_t(y|x)); "
-            "the margin is real minus generated, the accuracy the share of pairs with a positive margin.",
+            "the margin is real minus generated, the accuracy the share of pairs with a positive margin. "
+            "A pair whose y' equals y has margin 0 and no gradient: the distinct-pair figures leave those out.",
             figure(plots.training_figure(run.steps, run.iterations), "No training metrics logged yet."),
         ),
         section(

@@ -25,6 +25,7 @@ class Prepared:
     max_model_len: int
     serve_key_digest: str | None = None  # serve.live's bearer key, hashed: the key stays in the driver
     inputs: dict[str, str] = field(default_factory=dict)  # fingerprints of the start model and eval data
+    params: tuple[int, int] = (0, 0)  # (trainable, all) parameters: with train.lora, the adapter's are trainable
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,20 @@ class Trained:
     def metrics(self) -> dict[str, float]:
         keys = [k for k in (self.logs[0] if self.logs else {}) if "/" in k or k == "loss"]
         means = {f"train/{k}": float(np.mean([line[k] for line in self.logs])) for k in keys}
+        means |= {f"train/{k}": v for k, v in distinct_only(self.logs).items()}
         if self.logprob_mismatch:
             means |= dict(zip(("gen/logprob_mismatch", "gen/logprob_mismatch_max"), self.logprob_mismatch, strict=True))
         return means | {"train/seconds": self.seconds}
+
+
+def distinct_only(means: list[dict[str, float]]) -> dict[str, float]:
+    """spin_ray.loss.spin_metrics's `*_distinct` figures of equal-sized batches as means over
+    their distinct pairs only (y' != y); NaN when every pair was identical. {} for the SFT arm."""
+    if not means or "pairs/identical" not in means[0]:
+        return {}
+    distinct = sum(1 - m["pairs/identical"] for m in means)
+    keys = [k for k in means[0] if k.endswith("_distinct")]
+    return {k: sum(m[k] for m in means) / distinct if distinct > 1e-9 else float("nan") for k in keys}
 
 
 @dataclass(frozen=True)

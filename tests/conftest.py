@@ -69,10 +69,11 @@ def pairs(toy):
 def toy_run(ray_session, toy, tmp_path_factory):
     """The fault-free reference run: two iterations, then the same output dir with
     spin.iterations=3, so the job resumes at iteration 3. Returns (dir, first, second summary).
-    The live endpoint is on and asked one question throughout: the answers are in ../live.jsonl."""
+    The live endpoint is on and asked one question throughout: the answers are in ../live.jsonl.
+    The toy's held-out sums are an lm-eval task too (eval.lm_eval), scored by the same engines."""
     import threading
 
-    from helpers import free_port, poll_live, repeated_records_file, toy_config
+    from helpers import free_port, poll_live, repeated_records_file, toy_config, toy_tasks
     from ray import serve
 
     from spin_ray.driver.job import run_job
@@ -88,7 +89,9 @@ def toy_run(ray_session, toy, tmp_path_factory):
         for iterations in (2, 3):
             hooks = 'eval.hooks=["eval_hooks:checkpoint", "eval_hooks:broken"]'
             live = ["serve.live=true", f"serve.port={port}", "serve.max_tokens=8"]
-            cfg = toy_config(root / "run", train, f"spin.iterations={iterations}", hooks, *live)
+            lm_eval = ["eval.lm_eval.tasks=[spin_toy_addition]", "eval.lm_eval.chat_template=true"]
+            lm_eval.append(f"eval.lm_eval.include_path={toy_tasks(toy, root / 'tasks')}")
+            cfg = toy_config(root / "run", train, f"spin.iterations={iterations}", hooks, *live, *lm_eval)
             summaries.append(run_job(cfg, prepare(cfg)))
     finally:
         stop.set()

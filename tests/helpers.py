@@ -15,6 +15,7 @@ from spin_ray.data import pad_pairs
 from spin_ray.engines.client import Engines
 from spin_ray.loss import sequence_logps
 from spin_ray.pairs import PairStream, pair_stream
+from spin_ray.toy import read_jsonl
 from spin_ray.trainer.supervisor import Trainer
 
 
@@ -149,7 +150,7 @@ def toy_config(out: Path, train_path: Path, *overrides: str):
     )
 
 
-def make_trainer(toy, out_dir, *overrides: str) -> Trainer:
+def make_trainer(toy, out_dir, *overrides: str, model_path=None, holds: int = 0) -> Trainer:
     cfg = load_config(
         None,
         [
@@ -163,7 +164,7 @@ def make_trainer(toy, out_dir, *overrides: str) -> Trainer:
             *overrides,
         ],
     )
-    trainer = Trainer(cfg, str(toy.model_dir))
+    trainer = Trainer(cfg, str(model_path or toy.model_dir), holds)
     trainer.wait_ready()  # the tests use its pids
     return trainer
 
@@ -188,3 +189,52 @@ def stream_of(
 def dealt(stream: PairStream, ranks: int, epochs: int = 1) -> list[list[list[str]]]:
     """Per step, per rank, the uids the stream gives it."""
     return [[table["uid"].to_pylist() for table in step] for step in stream.steps(ranks, epochs)]
+
+
+TOY_TASKS = """
+task: spin_toy_addition
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs: {{until: [], max_gen_toks: 8, do_sample: false}}
+metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
+---
+task: spin_toy_choice
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: label
+target_delimiter: ""
+metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
+"""
+
+
+def toy_tasks(toy, dest: Path) -> Path:
+    """lm-eval tasks of the toy's held-out sums, over local JSONL (nothing to download): the sums as
+    a generate_until task, and as a 4-way choice between the sum and three near misses."""
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, record in enumerate(read_jsonl(toy.eval_path)):
+        question, answer = (m["content"] for m in record["messages"])
+        wrong = [str(int(answer) + d) for d in (1, -10, 10)]
+        label = i % 4
+        rows.append(
+            {
+                "question": question,
+                "answer": answer,
+                "choices": wrong[:label] + [answer] + wrong[label:],
+                "label": label,
+            }
+        )
+    data = dest / "toy_sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for text in TOY_TASKS.split("---"):
+        name = text.split("task: ")[1].split()[0]
+        (dest / f"{name}.yaml").write_text(text.format(data=data).lstrip())
+    return dest

@@ -29,6 +29,7 @@ SMALLEST = {
     "iteration-curve": ["curve", "--sizes", "64"],
     "iteration-official": ["official", "--rounds", "1"],
     "soak": ["--iterations", "2"],
+    "lora": ["--layers", "1", "--pairs", "8", "--tokens", "16", "--swaps", "1", "--toy-iterations", "1"],
 }
 
 

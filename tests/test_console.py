@@ -55,6 +55,14 @@ def test_overlapping_phases_keep_their_own_counts_and_clocks(tmp_path, capsys):
     ]
 
 
+def test_an_evaluation_is_labelled_by_the_model_it_scores():
+    """p_0's evaluation runs beside iteration 1, after "[1/3] export" of a resumed run, say."""
+    progress = Progress(iterations=3)
+    with progress.phase(0, "eval", 3, "prompts"):
+        pass
+    assert progress.read(0)[0]["label"] == "[p_0] eval" and set(progress.seconds[0]) == {"time/eval_s"}
+
+
 def test_terminal_draws_one_bar_per_phase(tmp_path, capsys):
     progress = Progress(iterations=2)
     with progress.phase(2, "train", None, "steps") as advance:
@@ -83,8 +91,8 @@ def test_iteration_line_and_table():
     ]
     assert iteration_line(history[1], 3) == "[1/3] done in 1m15s: loss 0.6900  eval_acc 0.6250"
     rows = table(history).splitlines()
-    assert rows[1].split() == ["start", "-", "-", "-", "-1.5000", "0.5000", "-"]
-    assert rows[2].split() == ["1", "0.6900", "-", "-", "-", "0.6250", "75.0000"]
+    assert rows[1].split() == ["start", "-", "-", "-", "-", "-", "-1.5000", "0.5000", "-"]
+    assert rows[2].split() == ["1", "0.6900", "-", "-", "-", "-", "-", "0.6250", "75.0000"]
 
 
 def test_capture_output_sends_c_level_output_to_the_named_log(tmp_path):

@@ -85,7 +85,7 @@ def scenario(toy_run):
         seen["nodes_before"] = [n["type"] for n in wait_for("the head", cluster.nodes, timeout=60, every=1)]
 
         def observe():
-            for n in cluster.nodes():
+            for n in cluster.nodes(dead_too=True):
                 seen["nodes"][n["node_id"]] = n["type"]
             seen["engine_nodes"] |= {a.node_id for a in cluster.actors("Engine")}
             seen["worker_nodes"] |= {a.node_id for a in cluster.actors("RayTrainWorker")}
@@ -135,7 +135,8 @@ def scenario(toy_run):
         proc = cluster.ray("job", "submit", *command, check=False, timeout=900)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
         seen["job_b_log"] = proc.stdout
-        seen["nodes"] |= {n["node_id"]: n["type"] for n in cluster.nodes()}
+        # A node job B used may be gone already (scaled down once idle): dead nodes keep their type.
+        seen["nodes"] |= {n["node_id"]: n["type"] for n in cluster.nodes(dead_too=True)}
         summary = json.loads((out / "summary.json").read_text())
         seen["engine_nodes"] |= {e["node"] for e in summary["engines"]}
         seen["worker_nodes"] |= set(summary["trainer_nodes"])

@@ -60,7 +60,8 @@ def test_score_matches_hf(engines, tok, toy, ray_session):
     prompts = [prompt_ids(tok, "12+34="), prompt_ids(tok, "99+99=", system="answer with digits only")]
     responses = [tok.encode("46<|end|>", add_special_tokens=False), tok.encode("198", add_special_tokens=False)]
     got = ray_session.get(handles[0].score.remote(prompts, responses))
-    assert got == pytest.approx(hf_sums(model, prompts, responses), abs=1e-4)
+    assert [total for total, _ in got] == pytest.approx(hf_sums(model, prompts, responses), abs=1e-4)
+    assert [greedy for _, greedy in got] == [False, False]  # p_0 answers neither (greedy flags: test_harness.py)
 
 
 def test_hot_swap_matches_hf_greedy_of_new_weights(engines, tok, toy, ray_session):
@@ -112,7 +113,7 @@ def test_bf16_engine_takes_fp32_weights_then_shuts_down_clean(ray_session, toy, 
             return sums
 
         ray_session.get(engine.load_weights.remote(pack(new.state_dict())))  # fp32 tensors, bf16 engine
-        got = np.array(ray_session.get(engine.score.remote(prompts, responses)))
+        got = np.array([total for total, _ in ray_session.get(engine.score.remote(prompts, responses))])
         want_new, want_old = np.array(hf(new)), np.array(hf(old))
         assert np.abs(got - want_new).max() < 0.1 * np.abs(want_new).max()  # bf16 rounding
         assert np.abs(got - want_new).max() < 0.2 * np.abs(want_old - want_new).max()

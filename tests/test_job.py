@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -26,6 +27,11 @@ METRICS = [
     "train/rewards/generated",
     "train/rewards/margins",
     "train/rewards/accuracies",
+    "train/rewards/accuracies_distinct",
+    "train/rewards/margins_distinct",
+    "train/pairs/identical",
+    "train/lengths/real",
+    "train/lengths/generated",
     "train/logps/real",
     "train/logps/generated",
     "eval/logps/real",
@@ -96,12 +102,33 @@ def test_metrics_jsonl_and_wandb(run):
         (3, 1.0),
     ]
     assert not any(k.startswith("eval/broken") for x in lines for k in x)
+    # Iteration 1 trains on its own pairs only: the share with y' = y is theirs (but for the few
+    # pairs left over when they are dealt to the ranks).
+    pairs = pq.read_table(out / "iter_1" / "pairs").to_pylist()
+    identical = sum(p["real_ids"] == p["generated_ids"] for p in pairs) / len(pairs)
+    assert abs(rows[0]["train/pairs/identical"] - identical) < 0.02, (rows[0]["train/pairs/identical"], identical)
+    assert rows[0]["train/lengths/real"] == pytest.approx(np.mean([len(p["real_ids"]) for p in pairs]), abs=0.1)
     # The engines sampled with exactly the weights training holds as p_{t-1} (fp32 both sides).
     assert all(r["gen/logprob_mismatch"] < 1e-3 and r["gen/logprob_mismatch_max"] < 1e-2 for r in rows), rows
     logged = history(out)
     for key in METRICS:
         assert any(key in r for r in logged), key
     assert [r["iteration"] for r in logged if "global_step" in r] == [1, 2, 3]  # one run across the resume
+
+
+def test_lm_eval_in_the_job_gives_its_own_accuracy_with_no_engine_of_its_own(run):
+    """The toy's held-out sums as an lm-eval generate_until task (chat template, exact match),
+    run by the job's engines on p_0 .. p_3: the same accuracy as the job's own eval_acc. The job
+    started its engine once per submission (test_artifacts_and_engines_started_once), lm-eval
+    included; the report shows the task."""
+    out, first, second = run
+    rows = [r for r in read_metrics(out) if "eval/accuracy" in r]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    key = "eval/lm_eval/spin_toy_addition/exact_match"
+    assert [r[key] for r in rows] == pytest.approx([r["eval/accuracy"] for r in rows], abs=1e-9)
+    assert len({r[key] for r in rows}) > 1  # the iterations' models differ
+    assert first["engine_starts"] == second["engine_starts"] == 1
+    assert key in (out / "report.html").read_text()
 
 
 def test_compare_and_report_read_the_real_run(run):
@@ -208,8 +235,8 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
         # The console: progress per phase, nothing the libraries print; that is all in logs/.
         console = proc.stdout
         # (spin.reference=engines scores inside the stream: no phase of its own)
-        for phase in ("start-up", "eval", "generate", "train", "export", "sync"):
-            assert f"[{0 if phase in ('start-up', 'eval') else 1}/2] {phase} " in console, phase
+        for label in ("[0/2] start-up", "[p_0] eval", "[1/2] generate", "[1/2] train", "[1/2] export", "[1/2] sync"):
+            assert f"{label} " in console, label
         assert "[2/2] done in" in console and "report:" in console
         assert len(console.splitlines()) < 60, console
         assert "pid=" not in console and "Dataset" not in console and "WARNING" not in console, console

@@ -69,3 +69,26 @@ def test_sequence_logps_masks_prompt_and_padding():
     logits2[0, 4:] += 100.0  # position 4 predicts the pad token
     logits2[0, 0:2] -= 100.0
     torch.testing.assert_close(sequence_logps(logits2, batch["input_ids"], batch["response_mask"]), got)
+
+
+def test_distinct_pair_metrics_count_identical_pairs_as_neither_right_nor_wrong():
+    """Two batches of 4: an identical pair (y' = y) has margin 0 and is left out of the distinct
+    figures, which are then means over the 5 distinct pairs of both batches."""
+    from spin_ray.loss import spin_metrics
+    from spin_ray.stages import distinct_only
+
+    def batch(real, generated, identical):
+        real, generated = torch.tensor(real), torch.tensor(generated)
+        losses, real_r, gen_r = spin_loss(real, generated, torch.zeros(4), torch.zeros(4), beta=1.0)
+        lengths = (torch.tensor([3, 3, 5, 2]), torch.tensor([3, 4, 5, 6]))
+        return spin_metrics(losses, real_r, gen_r, real, generated, torch.tensor(identical), lengths)
+
+    first = batch([1.0, -1.0, 2.0, 0.0], [0.0, 0.0, 2.0, 0.0], [False, False, True, True])
+    second = batch([3.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0], [False, True, False, False])
+    assert first["rewards/accuracies"] == 0.25 and first["pairs/identical"] == 0.5
+    assert first["lengths/real"] == 3.25 and first["lengths/generated"] == 4.5
+    both = distinct_only([first, second])
+    # distinct margins: 1, -1 | 2, 1, -1; right: 1 of 2 | 2 of 3
+    assert both == {"rewards/margins_distinct": 2 / 5, "rewards/accuracies_distinct": 3 / 5}
+    assert distinct_only([batch([0.0] * 4, [0.0] * 4, [True] * 4)])["rewards/accuracies_distinct"] != 0.0  # NaN
+    assert distinct_only([{"loss": 1.0}]) == {}  # the SFT arm

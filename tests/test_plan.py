@@ -147,6 +147,22 @@ def test_7b_shape_dry_run_without_weights(model_7b, tmp_path):
     assert seconds < 60
 
 
+def test_7b_lora_fits_one_80gb_gpu_with_adapter_only_states(model_7b, tmp_path, on_gpu_node, capsys):
+    one_gpu = ("generation.num_engines=1", "train.num_workers=1", "train.zero_stage=2", "train.optimizer=adamw")
+    cfg = shaped_config(model_7b, tmp_path, *one_gpu, "train.lora.r=16")
+    shape = estimate.model_shape(str(model_7b), cfg.train.lora)
+    p, lora = 6_738_415_616, 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # r x (in + out) per linear layer
+    assert (shape.params, shape.trainable) == (p, lora) and lora == 39_976_960  # PEFT's count: 40.0M
+    memory = estimate.training_memory(cfg, shape)
+    assert memory["base weights"] == 2 * p  # bf16, frozen, no grads, no optimizer states
+    assert memory["adapter states"] == 20 * lora  # DeepSpeed's ZeRO-2 formula (2 + 18 bytes) on the adapter only
+    assert memory["reference"] == 2 * lora  # a snapshot of the adapter, not a second model
+    on_gpu_node(2)  # the trainer's GPU and the engine's
+    assert plan.dry_run(cfg, prepare(cfg, dry_run=True)) == 0
+    out = capsys.readouterr().out
+    assert "adapter states" in out and "39,976,960 trainable (LoRA r=16)" in out
+
+
 def test_7b_memory_matches_deepspeed(model_7b, tmp_path):
     shape = estimate.model_shape(str(model_7b))
     p = 6_738_415_616

@@ -154,6 +154,9 @@ def test_live_endpoint_answers_from_the_weights_of_each_swap(toy_run, toy):
 
 def test_cli_refuses_what_it_cannot_serve_before_starting_anything(tmp_path, toy_run):
     out = toy_run[0]
-    for args, message in (([str(tmp_path)], "neither a HF model dir"), ([str(out), "--iteration", "9"], "[1, 2, 3]")):
+    for args, message in (
+        ([str(tmp_path)], "neither a HF model or adapter dir"),
+        ([str(out), "--iteration", "9"], "[1, 2, 3]"),
+    ):
         proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), *args], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

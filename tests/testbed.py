@@ -154,15 +154,14 @@ class FakeCluster:
             cmd[3:3] = ["--address", self.dashboard]
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check, **kwargs)
 
-    def nodes(self) -> list[dict[str, Any]]:
-        """Alive nodes: {"node_id", "type", "resources"}; the head's type is "head", a worker's
-        is its node type in cluster.yaml."""
+    def nodes(self, dead_too: bool = False) -> list[dict[str, Any]]:
+        """Alive nodes (and those scaled down or lost, with `dead_too`): {"node_id", "type",
+        "resources"}; the head's type is "head", a worker's is its node type in cluster.yaml."""
         from ray.util.state import list_nodes
 
         types = json.loads((self.root / "autoscaler.json").read_text())["available_node_types"]
-        alive = list_nodes(
-            address=self.dashboard, filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False
-        )
+        filters = [] if dead_too else [("state", "=", "ALIVE")]
+        listed = list_nodes(address=self.dashboard, filters=filters, detail=True, raise_on_missing_output=False)
         return [
             {
                 "node_id": n.node_id,
@@ -170,7 +169,7 @@ class FakeCluster:
                 "type": "head" if n.is_head_node else next((r for r in n.resources_total if r in types), "?"),
                 "resources": n.resources_total,
             }
-            for n in alive
+            for n in listed
         ]
 
     def actors(self, class_name: str) -> list[Any]:

@@ -121,12 +121,23 @@ class Console:
             self.line(f"[fault] {event['kind']}: {details}")
 
 
+def trains(cfg: Config, params: tuple[int, int]) -> str:
+    trainable, total = params
+    if not cfg.train.lora:
+        return f"every parameter ({total:,})"
+    lora = cfg.train.lora
+    share = f"{trainable / total:.2%}" if total else "?"
+    return f"a LoRA adapter, r={lora.r} on {lora.target_modules}: {trainable:,} of {total:,} parameters ({share})"
+
+
 def header(cfg: Config, prepared: Prepared) -> str:
     """What runs where, before anything starts."""
     g, t, out = cfg.generation, cfg.train, Path(cfg.run.output_dir)
     device = f"{g.tensor_parallel_size * g.num_gpus:g} GPU" if g.num_gpus else f"{g.cpus_per_engine:g} CPU"
     where = f", on `{g.resource}` nodes" if g.resource else ""
     reference = "a frozen copy in the trainer" if cfg.spin.reference == "model" else "scored by the engines"
+    if t.lora and cfg.spin.reference == "model":
+        reference = "its adapter, kept aside in the trainer (no second copy of the model)"
     ray_at = ray_address(cfg) or "a local Ray started by this job"
     rows = {
         "model": f"{prepared.model_path} ({cfg.model.dtype})",
@@ -136,6 +147,7 @@ def header(cfg: Config, prepared: Prepared) -> str:
         "training": f"{t.num_workers} x Ray Train worker, {'1 GPU' if t.use_gpu else f'{t.num_cpus:g} CPU'} each"
         + (f", on `{t.resource}` nodes" if t.resource else "")
         + f", DeepSpeed ZeRO-{t.zero_stage}",
+        "trains": trains(cfg, prepared.params),
         "ray": ray_at,
         "output": str(out),
         "logs": f"{RunDir(out).logs}" + ("" if cfg.run.verbose else " (library output; --verbose shows it here)"),

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from spin_ray.config import Config
+from spin_ray.config import Config, LoraConfig
+from spin_ray.lora import peft_config
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # fp32 states per parameter: torch's AdamW keeps exp_avg and exp_avg_sq; RMSprop as training.py
@@ -35,27 +36,38 @@ class Shape:
     kv_heads: int
     head_dim: int
     vocab: int
+    trainable: int  # parameters that train: all, or the LoRA adapter's
 
 
-def model_shape(model_path: str) -> Shape:
-    """Builds the model on the meta device: shapes without memory, a 70B in well under a second."""
+def model_shape(model_path: str, lora: LoraConfig | None = None) -> Shape:
+    """Builds the model on the meta device: shapes without memory, a 70B in well under a second.
+    With `lora`, PEFT adds the adapter there too, so its size is PEFT's own count."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+        params = sum(p.numel() for p in model.parameters())  # tied weights are yielded once
+        largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+        trainable = params
+        if lora:
+            from peft import get_peft_model
+
+            adapted = get_peft_model(model, peft_config(lora))
+            trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     text = config.get_text_config()
     heads = text.num_attention_heads
     return Shape(
         architecture=type(model).__name__,
-        params=sum(p.numel() for p in model.parameters()),  # tied weights are yielded once
-        largest_layer=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
+        params=params,
+        largest_layer=largest_layer,
         hidden=text.hidden_size,
         layers=text.num_hidden_layers,
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab=text.vocab_size,
+        trainable=trainable,
     )
 
 
@@ -118,13 +130,28 @@ def training_memory(cfg: Config, shape: Shape) -> dict[str, float]:
     t, d = cfg.train, cfg.data
     b = DTYPE_BYTES[cfg.model.dtype]
     states = OPTIMIZER_STATES[t.optimizer]
-    memory = {
-        "model states": model_states_bytes(t.zero_stage, shape.params, shape.largest_layer, t.num_workers, b, states)
-    }
-    if cfg.spin.objective == "spin" and cfg.spin.reference == "model":
-        # training.py partitions the frozen copy like the policy under ZeRO-3 and keeps it whole
-        # in model.dtype otherwise (the SFT baseline has none). Its forward keeps no activations.
-        memory["reference"] = shape.params * b / (t.num_workers if t.zero_stage == 3 else 1)
+    shards = t.num_workers if t.zero_stage == 3 else 1
+    reference = cfg.spin.objective == "spin" and cfg.spin.reference == "model"
+    if t.lora:
+        # Frozen base weights in model.dtype (partitioned under ZeRO-3, plus the layer gathered
+        # whole); params, grads and optimizer states of the adapter alone; the reference is a
+        # snapshot of the adapter.
+        memory = {"base weights": shape.params * b / shards + (shape.largest_layer * b if shards > 1 else 0)}
+        memory["adapter states"] = model_states_bytes(
+            t.zero_stage, shape.trainable, shape.trainable, t.num_workers, b, states
+        )
+        if reference:
+            memory["reference"] = shape.trainable * b / shards
+    else:
+        memory = {
+            "model states": model_states_bytes(
+                t.zero_stage, shape.params, shape.largest_layer, t.num_workers, b, states
+            )
+        }
+        if reference:
+            # training.py partitions the frozen copy like the policy under ZeRO-3 and keeps it
+            # whole in model.dtype otherwise (the SFT baseline has none). No activations kept.
+            memory["reference"] = shape.params * b / shards
     # A micro batch's sequences (real and generated sides under SPIN) are padded to the longest.
     tokens = t.batch_size * sides(cfg) * (d.max_prompt_tokens + longest_response(cfg))
     layer = ACTIVATION_BYTES * b / 2 * shape.hidden * tokens

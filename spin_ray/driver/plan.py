@@ -55,7 +55,7 @@ def _count(n: float) -> str:
 
 def plan(cfg: Config, prepared: Prepared, cluster: Cluster) -> tuple[list[str], list[str]]:
     """(the plan's lines, the problems that make the dry run fail)."""
-    shape = model_shape(prepared.model_path)
+    shape = model_shape(prepared.model_path, cfg.train.lora)
     problems: list[str] = []
     lines = _workload(cfg, prepared, shape) + _placement(cfg, cluster, problems)
     return lines + _memory(cfg, prepared, shape, cluster, problems), problems
@@ -82,6 +82,9 @@ def _workload(cfg: Config, prepared: Prepared, shape: Shape) -> list[str]:
         f"batch        {t.batch_size * t.grad_accum * t.num_workers} pairs per optimizer step = {t.batch_size} "
         f"x {t.grad_accum} accum x {t.num_workers} workers",
     ]
+    if t.lora:
+        adapter = f"{shape.trainable:,} trainable (LoRA r={t.lora.r}): the adapter of {t.lora.target_modules}"
+        lines.insert(2, f"{'':13}{adapter}")
     steps = schedule(cfg, prompts)
     runs: list[list] = []  # [first, last, iteration]: equal iterations are shown once
     for i, it in enumerate(steps, start=1):
@@ -138,7 +141,10 @@ def _memory(cfg: Config, prepared: Prepared, shape: Shape, cluster: Cluster, pro
     checkpointing = "gradient checkpointing" if t.gradient_checkpointing else "no gradient checkpointing"
     explain = {
         "model states": f"params, grads, {t.optimizer} states (DeepSpeed's ZeRO-{t.zero_stage} estimator)",
-        "reference": "frozen copy of p_t" + (", partitioned" if t.zero_stage == 3 else ", whole"),
+        "reference": ("the adapter of p_t, a copy" if t.lora else "frozen copy of p_t")
+        + (", partitioned" if t.zero_stage == 3 else ", whole"),
+        "base weights": "frozen, " + ("partitioned + one layer gathered" if t.zero_stage == 3 else "whole"),
+        "adapter states": f"{_count(shape.trainable)} adapter params, grads, {t.optimizer} states",
         "activations": f"{sides(cfg)} x {t.batch_size} sequences x {seq} tokens, {checkpointing}",
         "logits": f"the same tokens x vocab {shape.vocab}",
     }

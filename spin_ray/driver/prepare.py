@@ -18,8 +18,10 @@ from pathlib import Path
 
 from spin_ray.config import Config
 from spin_ray.data import Example, TrainingSet, load_sft, read_sft, write_training_set
+from spin_ray.driver.estimate import model_shape
 from spin_ray.loop.resume import check_unchanged, files_fingerprint
-from spin_ray.metrics import load_hooks
+from spin_ray.lora import check_targets
+from spin_ray.metrics import check_tasks, load_hooks
 from spin_ray.rundir import RunDir, lock
 from spin_ray.serve.gateway import check_exposure, key_digest
 from spin_ray.stages import Prepared
@@ -33,6 +35,8 @@ def prepare(cfg: Config, dry_run: bool = False) -> Prepared:
     from transformers import AutoConfig, AutoTokenizer
 
     load_hooks(cfg.eval.hooks)  # a typo in a hook's name fails now, not after the first iteration
+    if lm := cfg.eval.lm_eval:
+        check_tasks(lm.tasks, lm.include_path)
     toy = cfg.model.path == "toy"
     model_path, train_path, eval_path = cfg.model.path, cfg.data.train_path, cfg.data.eval_path
     if toy:
@@ -54,6 +58,8 @@ def prepare(cfg: Config, dry_run: bool = False) -> Prepared:
         raise ValueError(
             f"model.path={model_path!r}: head_dim {head_dim} is not supported by vLLM on CPU {CPU_HEAD_DIMS}"
         )
+    if cfg.train.lora:
+        check_targets(cfg.train.lora, model_config, model_path)
     d = cfg.data
     longest = max(d.max_response_tokens, cfg.generation.max_tokens)
     max_model_len = cfg.generation.max_model_len or d.max_prompt_tokens + longest + 1
@@ -76,7 +82,9 @@ def prepare(cfg: Config, dry_run: bool = False) -> Prepared:
     if cfg.serve.live:
         check_exposure(cfg.serve.host, api_key, cfg.serve.api_key_env)
     digest = key_digest(api_key)
-    return Prepared(model_path, train, evaluation, toy, max_model_len, digest, inputs)
+    shape = model_shape(model_path, cfg.train.lora)
+    params = (shape.trainable, shape.params)
+    return Prepared(model_path, train, evaluation, toy, max_model_len, digest, inputs, params)
 
 
 def _training_set(cfg: Config, examples: Iterator[Example], inputs: dict[str, str], dry_run: bool) -> TrainingSet:

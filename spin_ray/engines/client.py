@@ -68,13 +68,15 @@ class Engines:
         except Exception:  # noqa: BLE001 - dead, frozen or vLLM's engine core gone
             return False
 
-    def generate(self, rows: Rows, greedy: bool = False) -> Rows:
-        """One sampled (or greedy) response per row of `prompt_ids`, seeded per row by `seed`."""
-        return asyncio.run(self._call(lambda e: e.generate.remote(rows, greedy), "generate"))
+    def generate(self, rows: Rows, greedy: bool = False, **limits: Any) -> Rows:
+        """One sampled (or greedy) response per row of `prompt_ids`, seeded per row by `seed`;
+        `limits`: Engine.generate's max_tokens and stop."""
+        return asyncio.run(self._call(lambda e: e.generate.remote(rows, greedy, **limits), "generate"))
 
-    def score(self, rows: Rows, columns: dict[str, str]) -> Rows:
-        """Summed log p(response | prompt) of each response column: {response column: output column}."""
-        return asyncio.run(self._call(lambda e: e.score_batch.remote(rows, columns), "score"))
+    def score(self, rows: Rows, columns: dict[str, str], greedy: bool = False) -> Rows:
+        """Summed log p(response | prompt) of each response column: {response column: output
+        column}; with `greedy`, also whether each response is the greedy one."""
+        return asyncio.run(self._call(lambda e: e.score_batch.remote(rows, columns, greedy), "score"))
 
     async def complete(self, prompt_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
         """One live request (serve.live), between the SPIN batches."""

@@ -8,13 +8,18 @@ their weights in memory across iterations and take each new p_t in place. One co
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from spin_ray.config import GenerationConfig
 from spin_ray.logs import name_log
+from spin_ray.lora import adapter_files, engine_targets, is_adapter, split, write_adapter
 
 
 class Engine:
@@ -24,15 +29,23 @@ class Engine:
         from vllm import LLM
 
         name_log("engine")
+        # A LoRA run's engines load the base weights once; the weights they serve are an adapter.
+        base, adapter = split(model_path) if cfg.max_lora_rank else (model_path, None)
+        targets = {"lora_target_modules": engine_targets(base)} if cfg.max_lora_rank else {}
         self.llm = LLM(
-            model=model_path,
+            model=base,
             dtype=dtype,
             seed=seed,
             worker_extension_cls="spin_ray.engines.receiver.WeightReceiver",
             **engine_kwargs(cfg, max_model_len),
+            **targets,
         )
         self.cfg = cfg
         self.serving = model_path  # the checkpoint whose weights answer now (for the live endpoint)
+        self.lora: Any = None  # the adapter every request uses (LoRA runs after p_0), a vLLM LoRARequest
+        self.adapters = Path(tempfile.mkdtemp(prefix="spin-ray-adapters-"))
+        if adapter:
+            self.load_checkpoint(adapter)
 
     @ray.method(concurrency_group="health")
     def ready(self) -> dict[str, Any]:
@@ -49,8 +62,11 @@ class Engine:
             raise RuntimeError("vLLM's engine core process died")
         return True
 
-    def generate(self, batch: dict[str, list], greedy: bool = False) -> dict[str, list]:
-        """Samples one response per row of `prompt_ids` (seeded per row by `seed`).
+    def generate(
+        self, batch: dict[str, list], greedy: bool = False, max_tokens: int | None = None, stop: list[str] | None = None
+    ) -> dict[str, list]:
+        """Samples one response per row of `prompt_ids` (seeded per row by `seed`), of at most
+        `max_tokens` (generation.max_tokens), ending at EOS or at one of the `stop` strings.
 
         `generated_ids` end with EOS when the response finished there; `generated` is the text;
         `generated_logps` the log-prob of each of its tokens under the engine's weights (vLLM's
@@ -63,14 +79,15 @@ class Engine:
             SamplingParams(
                 temperature=0.0 if greedy else c.temperature,
                 top_p=c.top_p,
-                max_tokens=c.max_tokens,
+                max_tokens=max_tokens or c.max_tokens,
+                stop=stop,
                 seed=int(s),
                 logprobs=0,  # the sampled token's only
             )
             for s in batch["seed"]
         ]
         prompts = [TokensPrompt(prompt_token_ids=p) for p in batch["prompt_ids"]]
-        outputs = [o.outputs[0] for o in self.llm.generate(prompts, params, use_tqdm=False)]
+        outputs = [o.outputs[0] for o in self._generate(prompts, params)]
         return {
             "generated_ids": [list(o.token_ids) for o in outputs],
             "generated": [o.text for o in outputs],
@@ -81,24 +98,31 @@ class Engine:
             "prompt_tokens": [len(p) for p in batch["prompt_ids"]],
         }
 
-    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
-        """Summed log p(response | prompt) under the engine's current weights (prompt log-probs)."""
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[tuple[float, bool]]:
+        """(summed log p(response | prompt), whether greedy decoding gives that response) under
+        the engine's current weights, from vLLM's prompt log-probs."""
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
         prompts = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompt_ids, response_ids, strict=True)]
-        sums = []
-        for out, p, r in zip(self.llm.generate(prompts, params, use_tqdm=False), prompt_ids, response_ids, strict=True):
+        scores = []
+        for out, p, r in zip(self._generate(prompts, params), prompt_ids, response_ids, strict=True):
             # prompt_logprobs[i] is {token_id: Logprob} for position i; position 0 has none.
-            positions = out.prompt_logprobs[len(p) : len(p) + len(r)]
-            sums.append(float(sum(lp[tok].logprob for lp, tok in zip(positions, r, strict=True))))
-        return sums
+            chosen = [lp[tok] for lp, tok in zip(out.prompt_logprobs[len(p) : len(p) + len(r)], r, strict=True)]
+            scores.append((float(sum(c.logprob for c in chosen)), all(c.rank == 1 for c in chosen)))
+        return scores
 
-    def score_batch(self, batch: dict[str, list], columns: dict[str, str]) -> dict[str, list]:
-        """Scores each response column of the batch: {response column: output column}."""
+    def score_batch(self, batch: dict[str, list], columns: dict[str, str], greedy: bool = False) -> dict[str, list]:
+        """Scores each response column of the batch: {response column: output column}; with
+        `greedy`, also `<output column>_greedy`."""
         n = len(batch["prompt_ids"])
-        sums = self.score(batch["prompt_ids"] * len(columns), [r for name in columns for r in batch[name]])
-        return {out: sums[i * n : (i + 1) * n] for i, out in enumerate(columns.values())}
+        scores = self.score(batch["prompt_ids"] * len(columns), [r for name in columns for r in batch[name]])
+        out: dict[str, list] = {}
+        for i, name in enumerate(columns.values()):
+            out[name] = [total for total, _ in scores[i * n : (i + 1) * n]]
+            if greedy:
+                out[f"{name}_greedy"] = [is_greedy for _, is_greedy in scores[i * n : (i + 1) * n]]
+        return out
 
     def complete(self, prompt_ids: list[int], params: dict[str, Any]) -> dict[str, Any]:
         """One request of the live endpoint (`serve.live`), with its own sampling settings; says
@@ -106,28 +130,54 @@ class Engine:
         from vllm import SamplingParams, TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
-        out = self.llm.generate([prompt], SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+        out = self._generate([prompt], SamplingParams(**params))[0].outputs[0]
         return {"text": out.text, "tokens": len(out.token_ids), "finish": out.finish_reason, "serving": self.serving}
 
-    def load_weights(self, payload: bytes, serving: str | None = None) -> dict[str, float]:
-        """Hot-swap, object-store path: full HF-named weights (safetensors bytes), in place."""
-        return self._swap(serving, "load_weights_bytes", payload)
+    def _generate(self, prompts: list, params: Any) -> list:
+        return self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
+
+    def load_weights(self, payload: bytes | dict[str, bytes], serving: str | None = None) -> dict[str, float]:
+        """Hot-swap, object-store path: full HF-named weights (safetensors bytes), in place; or in
+        a LoRA run the adapter's files."""
+        if isinstance(payload, dict):
+            return self._swap(serving, lambda: self._use_adapter(payload))
+        return self._swap(serving, lambda: self.llm.collective_rpc("load_weights_bytes", args=(payload,))[0])
+
+    def _use_adapter(self, files: dict[str, bytes]) -> int:
+        """A new adapter id for every new adapter (vLLM caches adapters by id, so an id never
+        names two sets of weights); the old one is dropped, so the engine holds one. vLLM loads
+        adapters from a directory: this engine's own, so no shared disk is needed."""
+        from vllm.lora.request import LoRARequest
+
+        old = self.lora
+        adapter_id = old.lora_int_id + 1 if old else 1
+        path = self.adapters / str(adapter_id)
+        write_adapter(files, path)
+        self.lora = LoRARequest(f"adapter-{adapter_id}", adapter_id, str(path))
+        self.llm.llm_engine.add_lora(self.lora)
+        if old:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        return sum(len(data) for data in files.values())
 
     def join_weight_group(self, master: str, port: int, rank_offset: int, world_size: int, timeout_s: float) -> list:
         return self.llm.collective_rpc("join_weight_group", args=(master, port, rank_offset, world_size, timeout_s))
 
     def load_checkpoint(self, model_dir: str) -> dict[str, float]:
-        """Reload from an HF checkpoint on disk (recovery after a failed sync)."""
-        return self._swap(model_dir, "load_weights_dir", model_dir)
+        """Reload from an HF checkpoint (or a LoRA run's adapter) on disk: recovery after a failed
+        sync, and a LoRA engine's start from an exported iteration."""
+        if is_adapter(model_dir):
+            return self.load_weights(adapter_files(model_dir), model_dir)
+        return self._swap(model_dir, lambda: self.llm.collective_rpc("load_weights_dir", args=(model_dir,))[0])
 
     def receive_weights(self, plan: list, senders: int, serving: str | None = None) -> dict[str, float]:
         """Hot-swap, broadcast path: buckets from the weight-sync group's `senders` trainer ranks;
         see spin_ray.weights."""
-        return self._swap(serving, "receive_weights", plan, senders)
+        return self._swap(serving, lambda: self.llm.collective_rpc("receive_weights", args=(plan, senders))[0])
 
-    def _swap(self, serving: str | None, method: str, *args: Any) -> dict[str, float]:
+    def _swap(self, serving: str | None, load: Callable[[], int]) -> dict[str, float]:
         start = time.perf_counter()
-        nbytes = self.llm.collective_rpc(method, args=args)[0]
+        nbytes = load()
         # Cached KV blocks were computed by the old weights; reusing them mixes old and new.
         self.llm.reset_prefix_cache()
         self.serving = serving or self.serving  # in the same call: no request sees new weights, old label
@@ -138,6 +188,7 @@ class Engine:
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()  # frees /dev/shm segments of multiprocess mode
         del self.llm
+        shutil.rmtree(self.adapters, ignore_errors=True)
 
 
 def engine_kwargs(cfg: GenerationConfig, max_model_len: int) -> dict[str, Any]:
@@ -157,6 +208,8 @@ def engine_kwargs(cfg: GenerationConfig, max_model_len: int) -> dict[str, Any]:
             kwargs["distributed_executor_backend"] = "mp"
     else:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    if cfg.max_lora_rank:  # one adapter at a time: the current iteration's
+        kwargs |= {"enable_lora": True, "max_lora_rank": cfg.max_lora_rank, "max_loras": 1}
     return kwargs
 
 

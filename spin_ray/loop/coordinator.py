@@ -33,11 +33,12 @@ from spin_ray.loop.generate import answered, write_prompts
 from spin_ray.loop.progress import Progress, iteration_line
 from spin_ray.loop.resume import record, resume_point, sorted_uids
 from spin_ray.loop.sync import WeightSync
+from spin_ray.lora import merge
 from spin_ray.pairs import Generation, PairStream, Row, pair_stream
 from spin_ray.report import write_report
 from spin_ray.rundir import RunDir, write_atomic
 from spin_ray.serve.app import live_endpoint
-from spin_ray.stages import Generated, IterationDone, Prepared, Synced, Trained
+from spin_ray.stages import Generated, IterationDone, Prepared, Synced, Trained, distinct_only
 from spin_ray.tracking import Tracker
 from spin_ray.trainer.supervisor import Trainer
 
@@ -251,8 +252,13 @@ class Coordinator:
         """A trainer group that restarts before p_t is on disk trains t again on the stored pairs."""
         model_dir = self.run_dir.model(t)
         again = partial(self.training_set, t, None, engines)
+        lora = self.cfg.train.lora
         with self.progress.phase(t, "export", None, "checkpoint"):
-            return model_dir, trainer.export(t, model_dir, again, self.cfg.sync.method == "object_store")
+            weights = trainer.export(t, model_dir, again, self.cfg.sync.method == "object_store")
+            if lora and lora.export_merged:  # on CPU, in a task of its own (see merge)
+                merged = model_dir.with_name("merged")
+                ray.get(ray.remote(merge).options(num_cpus=1).remote(model_dir, merged, self.cfg.model.dtype))
+            return model_dir, weights
 
     def sync(self, t: int, sync: WeightSync, model_dir: Path, weights: ray.ObjectRef | None) -> Synced:
         with self.progress.phase(t, "sync", self.cfg.generation.num_engines, "engines") as advance:
@@ -263,7 +269,9 @@ class Coordinator:
     def _record_training(self, t: int, trained: Trained, step: int) -> int:
         """Logs the training lines and marks iteration t trained; returns the new global step."""
         for line in trained.logs:
-            metrics = {f"train/{k}": v for k, v in line.items() if k not in ("step", "iteration")}
+            metrics = {
+                f"train/{k}": v for k, v in (line | distinct_only([line])).items() if k not in ("step", "iteration")
+            }
             self.tracker.log({"iteration": t} | metrics, step=step + line["step"])
         step += trained.steps
         self.run_dir.mark_done(t, step)
@@ -288,6 +296,7 @@ class Coordinator:
             **(done.generated.metrics() if done.generated else {}),
             **done.synced.metrics(),
             **done.trained.metrics(),
+            "train/trainable_params": self.p.params[0],
             **evaluation,
             **self.progress.seconds.get(done.t, {}),
             "time/to_trained_s": done.trained_at - done.started,  # generation and training, overlapped or not

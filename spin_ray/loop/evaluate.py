@@ -1,8 +1,9 @@
 """Held-out evaluation of the weights the engines serve now (p_t), beside the next iteration.
 
 Three passes over the held-out prompts through the job's own engines (a fresh sample y' per
-prompt, both answers scored, a greedy answer), turned into numbers by spin_ray.metrics, then the
-user's hooks.
+prompt, both answers scored, a greedy answer), turned into numbers by spin_ray.metrics; then the
+lm-eval tasks of eval.lm_eval through the same engines (spin_ray.loop.harness), then the user's
+hooks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from spin_ray.config import Config
 from spin_ray.engines.client import Engines
 from spin_ray.loop.generate import answered, example_rows
 from spin_ray.loop.progress import Progress
+from spin_ray.lora import split
 from spin_ray.metrics import answer_metrics, load_hooks, run_hooks
 from spin_ray.stages import Prepared
 
@@ -23,10 +25,33 @@ class Evaluator:
     def __init__(self, cfg: Config, prepared: Prepared, engines: Engines, progress: Progress):
         self.cfg, self.p, self.engines, self.progress = cfg, prepared, engines, progress
         self.hooks = load_hooks(cfg.eval.hooks)
+        self.harness = None
+        if lm := cfg.eval.lm_eval:  # lm-eval is imported only by runs that ask for it
+            from lm_eval.tasks import TaskManager
+            from transformers import AutoTokenizer
+
+            from spin_ray.loop.harness import EngineLM
+
+            tokenizer = AutoTokenizer.from_pretrained(split(prepared.model_path)[0])
+            lm_model = EngineLM(engines, tokenizer, cfg.generation, prepared.max_model_len, lm.batch_size)
+            self.harness = (lm_model, TaskManager(include_path=lm.include_path))
 
     def __call__(self, t: int, model_dir: str) -> dict[str, float]:
+        return self._held_out(t) | self._lm_eval(t) | run_hooks(self.hooks, model_dir, t, self.progress.say)
+
+    def _lm_eval(self, t: int) -> dict[str, float]:
+        if self.harness is None:
+            return {}
+        from spin_ray.loop.harness import lm_eval_metrics
+
+        lm, tasks = self.harness
+        with self.progress.phase(t, "lm-eval", None, "requests") as advance:
+            lm.advance, lm.done = advance, 0
+            return lm_eval_metrics(lm, self.cfg.eval.lm_eval, tasks, self.cfg.run.seed)
+
+    def _held_out(self, t: int) -> dict[str, float]:
         if not self.p.eval:
-            return run_hooks(self.hooks, model_dir, t, self.progress.say)
+            return {}
         g = self.cfg.generation
         table = example_rows(self.p.eval, self.cfg.run.seed)
         n = table.num_rows
@@ -52,4 +77,4 @@ class Evaluator:
             from spin_ray.toy import toy_accuracy
 
             metrics["eval/accuracy"] = toy_accuracy([e.prompt_messages for e in examples], greedy_answers)
-        return metrics | run_hooks(self.hooks, model_dir, t, self.progress.say)
+        return metrics

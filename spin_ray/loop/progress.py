@@ -33,8 +33,9 @@ class Progress:
     @contextlib.contextmanager
     def phase(self, t: int, name: str, total: int | None, unit: str) -> Iterator[Callable[..., None]]:
         """One phase of iteration t (0 = the start model); yields `advance(done, total=None)`.
-        Phases may overlap (generation, training and evaluation run side by side)."""
-        label = f"[{t}/{self.iterations}] {name}"
+        Phases may overlap (generation, training and evaluation run side by side). An evaluation
+        is labelled by the model it scores, p_t: it runs beside iteration t + 1."""
+        label = f"[p_{t}] {name}" if name in ("eval", "lm-eval") else f"[{t}/{self.iterations}] {name}"
         self._add({"kind": "phase", "label": label, "total": total, "unit": unit})
         state = {"done": 0, "total": total}
         tick = time.perf_counter()
@@ -61,6 +62,8 @@ TABLE = {  # column -> metrics key, for the per-iteration line and the final tab
     "loss": "train/loss",
     "reward_acc": "train/rewards/accuracies",
     "margin": "train/rewards/margins",
+    "identical": "train/pairs/identical",  # y' = y: no gradient, and no reward accuracy to speak of
+    "acc_distinct": "train/rewards/accuracies_distinct",
     "eval_logp": "eval/logps/real",
     "eval_acc": "eval/accuracy",
     "seconds": "time/iteration_s",
@@ -69,16 +72,18 @@ TABLE = {  # column -> metrics key, for the per-iteration line and the final tab
 
 def iteration_line(row: dict[str, Any], iterations: int) -> str:
     cells = [f"{name} {row[key]:.4f}" for name, key in TABLE.items() if key in row and name != "seconds"]
+    if "sync/bytes" in row:  # a LoRA run's adapter, or the whole model
+        cells.append(f"synced {row['sync/bytes'] / 2**20:.3g} MiB per engine")
     return f"[{row['iteration']}/{iterations}] done in {duration(row['time/iteration_s'])}: " + "  ".join(cells)
 
 
 def table(history: list[dict[str, Any]]) -> str:
     """One row per iteration; the first row is the model the run started from (p_0, or the
     resumed model)."""
-    lines = [f"{'iter':>6}" + "".join(f"{name:>12}" for name in TABLE)]
+    lines = [f"{'iter':>6}" + "".join(f"{name:>13}" for name in TABLE)]
     for row in history:
         label = "start" if row is history[0] else str(row["iteration"])
-        lines.append(f"{label:>6}" + "".join(f"{row[k]:>12.4f}" if k in row else f"{'-':>12}" for k in TABLE.values()))
+        lines.append(f"{label:>6}" + "".join(f"{row[k]:>13.4f}" if k in row else f"{'-':>13}" for k in TABLE.values()))
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from spin_ray.config import OPERATIONAL, Config, ConfigError, flatten
+from spin_ray.lora import is_adapter
 from spin_ray.rundir import TMP, RunDir, write_atomic
 
 
@@ -88,8 +89,8 @@ def checkpoint_problem(model_dir: Path) -> str | None:
     from safetensors import SafetensorError, safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
-    if not (model_dir / "config.json").exists() or not files:
-        return f"{model_dir} has no config.json or no *.safetensors"
+    if not ((model_dir / "config.json").exists() or is_adapter(model_dir)) or not files:
+        return f"{model_dir} has no config.json (adapter_config.json for LoRA) or no *.safetensors"
     for f in files:
         try:
             with safe_open(str(f), "pt") as st:

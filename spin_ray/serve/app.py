@@ -20,20 +20,24 @@ from typing import Any
 from spin_ray.config import Config
 from spin_ray.engines.client import Engines
 from spin_ray.engines.engine import engine_env, engine_kwargs
-from spin_ray.private import model_card
+from spin_ray.lora import engine_targets, is_adapter, split
+from spin_ray.private import local_adapter_loader, model_card
 from spin_ray.rundir import RunDir
 from spin_ray.serve.gateway import Gateway, key_digest
 
+LORA_BASE = "spin-base"  # the served base model of a LoRA run; requests name its adapters
 
-def checkpoints(path: str | Path, iteration: str = "latest") -> dict[str, Path]:
-    """{model name: HF dir}: `iteration` = N, `latest` or `all` of a run dir, or a plain HF dir."""
+
+def checkpoints(path: str | Path, iteration: str = "latest", merged: bool = False) -> dict[str, Path]:
+    """{model name: HF dir or LoRA adapter dir}: `iteration` = N, `latest` or `all` of a run dir
+    (a LoRA run's `merged` checkpoints instead of its adapters), or one plain HF or adapter dir."""
     path = Path(path)
-    if (path / "config.json").exists():
+    if (path / "config.json").exists() or is_adapter(path):
         return {path.name: path}
     run = RunDir(path)
     done = run.finished()
     if not done:
-        raise ValueError(f"{path}: neither a HF model dir (config.json) nor a run dir with a finished iteration")
+        raise ValueError(f"{path}: neither a HF model or adapter dir nor a run dir with a finished iteration")
     if iteration == "all":
         chosen = done
     elif iteration == "latest":
@@ -42,15 +46,25 @@ def checkpoints(path: str | Path, iteration: str = "latest") -> dict[str, Path]:
         chosen = [int(iteration)]
     else:
         raise ValueError(f"--iteration {iteration!r}: finished iterations in {path} are {done} (or latest, all)")
+    if merged:
+        missing = [t for t in chosen if not run.model(t).with_name("merged").is_dir()]
+        if missing:
+            raise ValueError(f"--merged: iterations {missing} of {path} have no merged/ (train.lora.export_merged)")
+        return {f"spin-iter-{t}": run.model(t).with_name("merged") for t in chosen}
     return {f"spin-iter-{t}": run.model(t) for t in chosen}
 
 
-def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int) -> Any:
-    """One served model on the generation resources (`generation.*`), as the job's engines."""
+def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int, adapters: int = 0) -> Any:
+    """One served model on the generation resources (`generation.*`), as the job's engines; with
+    `adapters`, a base model that serves that many LoRA adapters."""
     from ray.serve.llm import LLMConfig
 
     g, s = cfg.generation, cfg.serve
     engine = {"dtype": cfg.model.dtype, **engine_kwargs(g, max_model_len)}
+    extra: dict[str, Any] = {}
+    if adapters:
+        engine |= {"max_loras": adapters, "lora_target_modules": engine_targets(str(model_dir))}
+        extra["lora_config"] = {"max_num_adapters_per_replica": adapters}
     env = engine_env(g)
     if g.num_gpus == 0:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # Serve LLM runs vLLM's async engine in its own process
@@ -72,6 +86,7 @@ def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int) -> A
             "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas},
             "max_ongoing_requests": s.max_concurrency,
         },
+        **extra,
     )
 
 
@@ -79,13 +94,28 @@ def serve_models(models: dict[str, Path], cfg: Config, max_model_len: int, api_k
     """Deploys every model behind one gateway on cfg.serve.host:port; returns the base URL."""
     from ray.serve.llm import build_llm_deployment
 
-    configs = {name: llm_config(name, d, cfg, max_model_len) for name, d in models.items()}
+    adapters = {name: str(d) for name, d in models.items() if is_adapter(d)}
+    if adapters:  # a LoRA run: one base model in each replica, the iterations as its adapters
+        bases = {split(d)[0] for d in adapters.values()}
+        if len(bases) > 1 or len(adapters) < len(models):
+            raise ValueError(f"LoRA adapters are served on one base model; these are not: {sorted(models)}")
+        if not cfg.generation.max_lora_rank:
+            raise ValueError("serving LoRA adapters needs generation.max_lora_rank (set with train.lora)")
+        config = llm_config(LORA_BASE, Path(bases.pop()), cfg, max_model_len, adapters=len(adapters))
+        loader = {"model_downloader": local_adapter_loader(adapters)}
+        deployments = {LORA_BASE: build_llm_deployment(config, name_prefix="spin-", bind_kwargs=loader)}
+        cards = {LORA_BASE: model_card(LORA_BASE, config)}
+    else:
+        configs = {name: llm_config(name, d, cfg, max_model_len) for name, d in models.items()}
+        deployments = {name: build_llm_deployment(c, name_prefix=f"{name}-") for name, c in configs.items()}
+        cards = {name: model_card(name, c) for name, c in configs.items()}
     app = _gateway(cfg).bind(
         model_dirs={name: str(d) for name, d in models.items()},
         limits=_limits(cfg),
         key_digest=key_digest(api_key),
-        llm_deployments={name: build_llm_deployment(c, name_prefix=f"{name}-") for name, c in configs.items()},
-        model_cards={name: model_card(name, c) for name, c in configs.items()},
+        llm_deployments=deployments,
+        model_cards=cards,
+        lora_base=LORA_BASE if adapters else None,
     )
     return _run(cfg, app, "spin")
 

@@ -45,12 +45,14 @@ class Gateway:
         llm_deployments: dict | None = None,
         model_cards: dict | None = None,
         engines: Engines | None = None,
+        lora_base: str | None = None,
     ):
         from transformers import AutoTokenizer
 
         if engines is None:
             self.oai = openai_ingress(llm_deployments, model_cards)
         self.engines = engines
+        self.lora_base = lora_base  # the models are LoRA adapters of this Serve LLM model
         # Live requests go to the engines one at a time: a SPIN batch never waits behind more than one.
         self.live_turn = asyncio.Semaphore(1)
         self.tokenizers = {name: AutoTokenizer.from_pretrained(d) for name, d in model_dirs.items()}
@@ -73,7 +75,7 @@ class Gateway:
         async def models(request: Request) -> Any:
             if denied := self._denied(request):
                 return denied
-            if self.engines is not None:
+            if self.engines is not None or self.lora_base:  # Serve LLM lists adapters from cloud storage only
                 return {
                     "object": "list",
                     "data": [{"id": m, "object": "model", "owned_by": "spin-ray"} for m in self.tokenizers],
@@ -141,6 +143,8 @@ class Gateway:
         try:
             if self.engines is not None:
                 return await self._live(parsed, kind, prompt_ids)
+            if self.lora_base:  # Serve LLM's name for an adapter of a served model
+                parsed.model = f"{self.lora_base}:{parsed.model}"
             # No raw request downstream: the Authorization header stays in this process.
             response = await openai_request(self.oai, parsed, kind)
             if hasattr(response, "body_iterator"):

@@ -25,10 +25,12 @@ from spin_ray.cluster import free_address
 from spin_ray.config import Config
 from spin_ray.data import pad_pairs
 from spin_ray.logs import name_log
+from spin_ray.lora import adapter_files
 from spin_ray.loss import sft_loss, spin_loss, spin_metrics, token_logps
 from spin_ray.pairs import LOGPS
 from spin_ray.private import zero3_full_state_dict
-from spin_ray.stages import Trained
+from spin_ray.stages import Trained, distinct_only
+from spin_ray.trainer.adapter import AdapterSnapshot, adapter_state, load_policy
 from spin_ray.trainer.channel import Failure
 from spin_ray.trainer.ds import build_cpu_ops, deepspeed_config, lr_at
 from spin_ray.weights import Spec, pack, send_buckets, weight_group
@@ -61,14 +63,21 @@ class SpinWorker:
         # exists whole on one rank).
         self._hf_ds = HfDeepSpeedConfig(ds_config) if cfg.train.zero_stage == 3 else None
 
-        policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        if cfg.train.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
+        if cfg.train.lora:
+            policy = load_policy(cfg, model_path)
+        else:
+            policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+            if cfg.train.gradient_checkpointing:
+                policy.gradient_checkpointing_enable()
+        policy.train()  # from_pretrained leaves it in eval mode: no checkpointing, no adapter dropout
         optimizer_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.RMSprop
-        optimizer = optimizer_cls(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = optimizer_cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=ds_config)
-        self.reference = None
-        if cfg.spin.reference == "model" and cfg.spin.objective == "spin":
+        self.reference: Any = None
+        if cfg.spin.reference == "model" and cfg.spin.objective == "spin" and cfg.train.lora:
+            self.reference = AdapterSnapshot(self.engine.module)  # no second copy of the base weights
+        elif cfg.spin.reference == "model" and cfg.spin.objective == "spin":
             reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
             reference.requires_grad_(False)
             if cfg.train.zero_stage == 3:
@@ -85,6 +94,9 @@ class SpinWorker:
     def _refresh_reference(self) -> None:
         """reference := policy, in memory. Under ZeRO-3 both models are partitioned the same way,
         so each rank copies only its own shard."""
+        if isinstance(self.reference, AdapterSnapshot):
+            self.reference.refresh()
+            return
         for ref, pol in zip(self.reference.parameters(), self.engine.module.parameters(), strict=True):
             if hasattr(pol, "ds_tensor"):
                 ref.ds_tensor.data.copy_(pol.ds_tensor.data)
@@ -95,6 +107,17 @@ class SpinWorker:
         """Per response token: [batch, length - 1], 0 elsewhere."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return token_logps(logits, batch["input_ids"], batch["response_mask"])
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            if not isinstance(self.reference, AdapterSnapshot):
+                return self._logps(self.reference, batch)
+            module = self.engine.module
+            module.eval()
+            with self.reference.swapped_in():
+                logps = self._logps(module, batch)
+            module.train()
+            return logps
 
     def _compare_engines(self, rows: dict[str, Any], ours: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         """The engines' log-probs of the generated tokens they sampled (this iteration's pairs)
@@ -136,8 +159,7 @@ class SpinWorker:
         n = len(rows["prompt_ids"])
         batch = self._batch(rows["prompt_ids"] * 2, rows["real_ids"] + rows["generated_ids"])
         if self.reference is not None:
-            with torch.no_grad():
-                ref_tokens = self._logps(self.reference, batch)
+            ref_tokens = self._reference_logps(batch)
             self._compare_engines(rows, ref_tokens[n:], batch)
             ref = ref_tokens.sum(-1)
             ref_real, ref_generated = ref[:n], ref[n:]
@@ -153,7 +175,11 @@ class SpinWorker:
         )
         self.engine.backward(losses.mean())
         self.engine.step()
-        return spin_metrics(losses, real_rewards, generated_rewards, policy[:n], policy[n:])
+        identical = torch.tensor(
+            [list(r) == list(g) for r, g in zip(rows["real_ids"], rows["generated_ids"], strict=True)]
+        )
+        lengths = batch["response_mask"].sum(-1).split(n)
+        return spin_metrics(losses, real_rewards, generated_rewards, policy[:n], policy[n:], identical, lengths)
 
     def sft_step(self, rows: dict[str, Any]) -> dict[str, float]:
         """One micro batch of the baseline: the real answers only, no reference."""
@@ -201,7 +227,8 @@ class SpinWorker:
                 window = []
                 logs.append(line)
                 if self.rank == 0:
-                    shown = " ".join(f"{k} {v:.4f}" for k, v in line.items() if "/" in k or k == "loss")
+                    shown = line | distinct_only([line])
+                    shown = " ".join(f"{k} {v:.4f}" for k, v in shown.items() if "/" in k or k == "loss")
                     print(f"[train] iteration {iteration} micro-batch {micro}/{micro_steps} {shown}", flush=True)
         self.holds = iteration
         return Trained(logs, time.perf_counter() - start, micro_steps, os.getpid(), self._mismatch_over_ranks())
@@ -227,7 +254,10 @@ class SpinWorker:
         The checkpoint is all a restart needs: each iteration starts a fresh optimizer from p_t,
         so optimizer state is never carried across iterations and is not saved."""
         self._expect(iteration, f"exporting {model_dir}")
-        if self.cfg.train.zero_stage == 3:
+        lora = self.cfg.train.lora
+        if lora:  # the adapter only: the base weights never change
+            state = adapter_state(self.engine.module, self.cfg.train.zero_stage == 3)
+        elif self.cfg.train.zero_stage == 3:
             state = zero3_full_state_dict(self.engine)
         else:
             state = self.engine.module.state_dict()
@@ -236,13 +266,15 @@ class SpinWorker:
         state = {k: v.detach().cpu() for k, v in state.items()}
         final = Path(model_dir)
         tmp = final.with_name(final.name + ".tmp")
-        self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        self.engine.module.save_pretrained(tmp, state_dict=state)  # a LoRA run's: PEFT's adapter files
         self.tokenizer.save_pretrained(tmp)
         if final.exists():  # left by an export whose reply was lost to a restart
             shutil.rmtree(final)
         tmp.rename(final)  # atomic: a crash never leaves a half-written checkpoint behind
         self.exported(str(final), iteration)
-        return ray.put(pack(state)) if pack_weights else None
+        if not pack_weights:
+            return None
+        return ray.put(adapter_files(final) if lora else pack(state))
 
     def weight_specs(self) -> list[Spec]:
         """(name, full shape, dtype) of every parameter; tied weights appear once."""
