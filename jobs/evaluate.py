@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
             if start == "toy":
                 from spin_ray.toy import toy_world
 
-                start = str(toy_world(cfg.run.seed).model_dir)
+                start = str(toy_world(cfg.run.seed, cfg.toy.task).model_dir)
             models = {"p_0": Path(start)} | {name.replace("spin-iter-", "p_"): d for name, d in models.items()}
         check_tasks(cfg.eval.lm_eval.tasks, cfg.eval.lm_eval.include_path)
         first = str(next(iter(models.values())))
@@ -66,17 +66,13 @@ def main(argv: list[str]) -> int:
         return 2
     cfg.run.output_dir = tempfile.mkdtemp(prefix="spin-evaluate-")  # the engines' event records, not the run's
 
-    import ray
     from lm_eval.tasks import TaskManager
 
-    from spin_ray.cluster import local_cpus, ray_address
+    from spin_ray.cluster import join_or_start, local_cpus
     from spin_ray.engines.client import Engines
     from spin_ray.loop.harness import EngineLM, lm_eval_metrics
 
-    if ray_address(cfg):
-        ray.init(address=ray_address(cfg), log_to_driver=False)
-    else:
-        ray.init(num_cpus=local_cpus(cfg), log_to_driver=False)
+    join_or_start(cfg, local_cpus(cfg))
     engines = Engines(cfg, first, length)
     out = Path(args.out) if args.out else (path / "lm_eval.jsonl" if stored.exists() else None)
     try:

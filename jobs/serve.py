@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
@@ -30,35 +29,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--host", help="bind address (default serve.host: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default serve.port: 8000)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. serve.max_tokens=64")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
-    from transformers import AutoConfig
+    from spin_ray.config import ConfigError
+    from spin_ray.serve.app import load
 
-    from spin_ray.config import ConfigError, load_config
-    from spin_ray.lora import split
-    from spin_ray.serve.app import checkpoints, max_model_len
-
-    stored = Path(args.path) / "config.yaml"
     flags = [f"serve.host={args.host}"] * bool(args.host) + [f"serve.port={args.port}"] * bool(args.port)
     try:
-        cfg = load_config(stored if stored.exists() else None, [*args.overrides, *flags])
-        models = checkpoints(args.path, args.iteration, args.merged)
-        length = max_model_len(cfg)
-        longest = min(
-            getattr(AutoConfig.from_pretrained(split(str(d))[0]), "max_position_embeddings", length)
-            for d in models.values()
-        )
-        if length > longest:
-            raise ConfigError(
-                f"serve.max_prompt_tokens (or data.max_prompt_tokens) + serve.max_tokens = {length} exceeds "
-                f"the model's max_position_embeddings ({longest}): lower them"
-            )
+        cfg, models, length = load(args.path, args.iteration, args.merged, [*args.overrides, *flags])
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     import ray
 
+    from spin_ray.cluster import join_or_start
     from spin_ray.serve.app import serve_models
     from spin_ray.serve.gateway import check_exposure
 
@@ -69,7 +54,11 @@ def main(argv: list[str]) -> int:
         return 2
     if not ray.is_initialized():
         # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
-        ray.init(num_cpus=max(os.cpu_count() or 1, 2 * len(models) + 2), log_to_driver=False)
+        join_or_start(cfg, max(os.cpu_count() or 1, 2 * len(models) + 2))
+    # From here on (after ray.init, which sets its own), so that a SIGTERM during start-up also
+    # shuts Serve down: on a cluster, Serve outlives this process otherwise.
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     api_key = os.environ.get(cfg.serve.api_key_env)
     url = serve_models(models, cfg, length, api_key)
     env = f"${cfg.serve.api_key_env}"
@@ -79,8 +68,6 @@ def main(argv: list[str]) -> int:
     key = f'-H "Authorization: Bearer {env}" ' if api_key else ""
     body = f'{{"model": "{next(iter(models))}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
     print(f"  try: curl {url}/chat/completions -H 'Content-Type: application/json' {key}-d '{body}'")
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
         while not stop:
             time.sleep(1)

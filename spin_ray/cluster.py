@@ -92,3 +92,14 @@ def local_cpus(cfg: Config) -> int:
     pending forever without a word)."""
     g, t = cfg.generation, cfg.train
     return max(os.cpu_count() or 1, math.ceil(g.num_engines * g.num_cpus + t.num_workers * t.num_cpus + 2))
+
+
+def join_or_start(cfg: Config, num_cpus: int) -> None:
+    """For the tools beside the job (serving, evaluation): the cluster of run.ray_address or
+    RAY_ADDRESS, else a local Ray of `num_cpus` logical CPUs (a cluster takes no num_cpus)."""
+    import ray
+
+    if address := ray_address(cfg):
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, log_to_driver=False)

@@ -217,6 +217,12 @@ class RunConfig(Section):
     )
 
 
+class ToyConfig(Section):
+    task: Literal["addition", "reverse"] = Field(
+        "addition", description="model.path=toy: sums, or 6-10 letter words to reverse."
+    )
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -227,6 +233,7 @@ class Config(Section):
     sync: SyncConfig = SyncConfig()
     serve: ServeConfig = ServeConfig()
     run: RunConfig = RunConfig()
+    toy: ToyConfig = ToyConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -241,6 +248,8 @@ class Config(Section):
                 "sync.method=broadcast needs engines and trainer on the same kind of device (NCCL between GPUs, "
                 "gloo between CPUs): set train.use_gpu and generation.num_gpus alike, or use sync.method=object_store"
             )
+        if self.model.path == "toy" and self.toy.task == "reverse" and self.generation.max_tokens < 12:
+            raise ValueError("toy.task=reverse answers up to 10 letters and EOS: set generation.max_tokens=12")
         if lora := self.train.lora:
             g = self.generation
             g.max_lora_rank = g.max_lora_rank or min(r for r in get_args(LoraRank) if r >= lora.r)

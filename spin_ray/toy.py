@@ -1,6 +1,7 @@
 """The embedded toy world: a tiny offline SPIN playground, deterministic by seed.
 
-Task: 2-digit addition. The user says "12+34=", the assistant answers "46".
+Task: 2-digit addition. The user says "12+34=", the assistant answers "46". With
+`toy.task=reverse`: "reverse: qwert" -> "trewq", words of 6-10 letters.
 Everything is made locally, no hub access:
 
   root/
@@ -73,36 +74,58 @@ class ToyWorld:
 # task: data and correctness
 
 _PROMPT_RE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=?\s*$")
+# The second task, `toy.task=reverse`: "reverse: qwhtkpe" -> "ephtkhwq"-style answers of 6-10
+# letters, long enough that a sample of p_0 rarely equals y exactly (the sums' 2-3 digits often do,
+# and such a pair gives SPIN no gradient).
+_REVERSE_RE = re.compile(r"^\s*reverse:\s*([a-z]+)\s*$")
+REVERSE_LENGTHS = (6, 10)
+MAX_ANSWER_TOKENS = {"addition": 8, "reverse": 12}  # the answer and EOS, with room
+
+
+def _reverse_splits(seed: int) -> list[tuple[str, str]]:
+    rng, words = random.Random(seed), set()
+    while len(words) < N_TRAIN + N_EVAL + N_DEV:
+        n = rng.randint(*REVERSE_LENGTHS)
+        words.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n)))
+    ordered = sorted(words)  # a set's order varies with the process's hash seed
+    rng.shuffle(ordered)
+    return [(f"reverse: {w}", w[::-1]) for w in ordered]
 
 
 def _prompt(a: int, b: int) -> str:
     return f"{a}+{b}="
 
 
-def _make_splits(seed: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """Disjoint train/eval/dev examples: a seeded shuffle of all (a, b) operand pairs."""
-    pairs = [(a, b) for a in range(OPERAND_MIN, OPERAND_MAX + 1) for b in range(OPERAND_MIN, OPERAND_MAX + 1)]
-    random.Random(seed).shuffle(pairs)
-    assert len(pairs) >= N_TRAIN + N_EVAL + N_DEV
+def _make_splits(seed: int, task: str = "addition") -> tuple[list[dict], list[dict], list[dict]]:
+    """Disjoint train/eval/dev examples: a seeded shuffle of all (a, b) operand pairs, or of
+    distinct random words to reverse."""
+    if task == "reverse":
+        examples = _reverse_splits(seed)
+    else:
+        pairs = [(a, b) for a in range(OPERAND_MIN, OPERAND_MAX + 1) for b in range(OPERAND_MIN, OPERAND_MAX + 1)]
+        random.Random(seed).shuffle(pairs)
+        examples = [(_prompt(a, b), str(a + b)) for a, b in pairs]
+    assert len(examples) >= N_TRAIN + N_EVAL + N_DEV
 
-    def rows(split: str, chosen: list[tuple[int, int]]) -> list[dict]:
+    def rows(split: str, chosen: list[tuple[str, str]]) -> list[dict]:
         return [
             {
                 "id": f"{split}-{i:06d}",
-                "messages": [
-                    {"role": "user", "content": _prompt(a, b)},
-                    {"role": "assistant", "content": str(a + b)},
-                ],
+                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
             }
-            for i, (a, b) in enumerate(chosen)
+            for i, (prompt, answer) in enumerate(chosen)
         ]
 
     n_te = N_TRAIN + N_EVAL
-    return rows("train", pairs[:N_TRAIN]), rows("eval", pairs[N_TRAIN:n_te]), rows("dev", pairs[n_te : n_te + N_DEV])
+    return (
+        rows("train", examples[:N_TRAIN]),
+        rows("eval", examples[N_TRAIN:n_te]),
+        rows("dev", examples[n_te : n_te + N_DEV]),
+    )
 
 
 def is_correct(prompt_messages: list[dict], response: str) -> bool:
-    """True iff `response` is the exact sum asked for by the last user message.
+    """True iff `response` is the exact sum (or reversed word) asked for by the last user message.
 
     Leading/trailing whitespace and a literal EOS string (in case a caller decoded
     without skip_special_tokens) are tolerated; anything else makes it wrong.
@@ -110,11 +133,11 @@ def is_correct(prompt_messages: list[dict], response: str) -> bool:
     user = [m["content"] for m in prompt_messages if m["role"] == "user"]
     if not user:
         return False
-    m = _PROMPT_RE.match(user[-1])
-    if m is None:
-        return False
     answer = response.replace(EOS, "").strip()
-    return answer == str(int(m.group(1)) + int(m.group(2)))
+    if m := _REVERSE_RE.match(user[-1]):
+        return answer == m.group(1)[::-1]
+    m = _PROMPT_RE.match(user[-1])
+    return m is not None and answer == str(int(m.group(1)) + int(m.group(2)))
 
 
 def toy_accuracy(prompts: list[list[dict]], responses: list[str]) -> float:
@@ -144,14 +167,15 @@ def _world(root: Path) -> ToyWorld:
     )
 
 
-def toy_world(seed: int = 0) -> ToyWorld:
-    """The toy world of `seed` in the cache (`SPIN_RAY_CACHE`, default ~/.cache/spin-ray), built
-    on first use."""
+def toy_world(seed: int = 0, task: str = "addition") -> ToyWorld:
+    """The toy world of `seed` (and `task`) in the cache (`SPIN_RAY_CACHE`, default
+    ~/.cache/spin-ray), built on first use."""
     cache = Path(os.environ.get("SPIN_RAY_CACHE", Path.home() / ".cache" / "spin-ray"))
-    return build_toy_world(cache / f"toy-seed{seed}", seed=seed)
+    name = f"toy-seed{seed}" if task == "addition" else f"toy-{task}-seed{seed}"
+    return build_toy_world(cache / name, seed=seed, task=task)
 
 
-def build_toy_world(root: str | Path, seed: int = 0, *, force: bool = False) -> ToyWorld:
+def build_toy_world(root: str | Path, seed: int = 0, *, task: str = "addition", force: bool = False) -> ToyWorld:
     """Build (or reuse) the toy world under `root`. Same seed -> byte-identical files.
 
     One function, top to bottom, on purpose: the build order (splits, tokenizer, model, SFT, files,
@@ -159,7 +183,7 @@ def build_toy_world(root: str | Path, seed: int = 0, *, force: bool = False) -> 
     root = Path(root)
     world = _world(root)
     marker = root / "BUILD_OK.json"
-    want = {"version": TOY_VERSION, "seed": seed}
+    want = {"version": TOY_VERSION, "seed": seed} | ({"task": task} if task != "addition" else {})  # sums: as before
     if marker.exists() and not force:
         got = json.loads(marker.read_text())
         if {k: got.get(k) for k in want} == want:
@@ -178,7 +202,7 @@ def build_toy_world(root: str | Path, seed: int = 0, *, force: bool = False) -> 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the build prints one line, not a "Writing shards" bar
     try:
-        train, held_out, dev = _make_splits(seed)
+        train, held_out, dev = _make_splits(seed, task)
         _write_jsonl(world.train_path, train)
         _write_jsonl(world.eval_path, held_out)
 
@@ -191,7 +215,9 @@ def build_toy_world(root: str | Path, seed: int = 0, *, force: bool = False) -> 
 
         def accuracy(rows: list[dict]) -> float:
             prompts = [r["messages"][:-1] for r in rows]
-            return toy_accuracy(prompts, greedy_responses(model, tokenizer, prompts))
+            return toy_accuracy(
+                prompts, greedy_responses(model, tokenizer, prompts, max_new_tokens=MAX_ANSWER_TOKENS[task])
+            )
 
         steps = sft(
             model,
@@ -230,6 +256,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="build the SPIN toy world")
     ap.add_argument("root")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task", choices=sorted(MAX_ANSWER_TOKENS), default="addition")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
-    print(build_toy_world(args.root, args.seed, force=args.force))
+    print(build_toy_world(args.root, args.seed, task=args.task, force=args.force))

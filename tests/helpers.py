@@ -1,6 +1,7 @@
 """Shared test helpers: HF reference computations and small factories."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +239,32 @@ def toy_tasks(toy, dest: Path) -> Path:
         name = text.split("task: ")[1].split()[0]
         (dest / f"{name}.yaml").write_text(text.format(data=data).lstrip())
     return dest
+
+
+LLAMA_7B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "intermediate_size": 11008,
+    "vocab_size": 32000,
+}
+
+
+def shaped_model(root: Path, toy, shape: dict) -> Path:
+    """A model dir with a Llama config.json of `shape`, the toy tokenizer and no weights, plus a
+    small chat JSONL next to it."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "max_position_embeddings": 4096,
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+        **shape,
+    }
+    (root / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(toy.model_dir / name, root / name)
+    lines = toy.train_path.read_text().splitlines()[:40]
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return root

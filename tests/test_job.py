@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from helpers import N_PROMPTS, free_port, run_notebook
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_records import history
@@ -69,6 +70,20 @@ def test_artifacts_and_engines_started_once(run):
         assert (out / f"iter_{t}" / "model" / "model.safetensors").exists()
 
 
+def test_every_checkpoint_has_a_model_card_with_its_held_out_metrics(run, toy):
+    from huggingface_hub import ModelCard
+
+    out, first, second = run
+    rows = {r["iteration"]: r for r in first["history"] + second["history"]}
+    for t in (1, 2, 3):
+        card = ModelCard.load(out / f"iter_{t}" / "model" / "README.md")
+        assert card.data.base_model == str(toy.model_dir) and card.data.library_name == "transformers"
+        assert card.data.tags == ["spin", "self-play", "spin-ray"]
+        accuracy = [f"{rows[i]['eval/accuracy']:.4g}" for i in range(t + 1)]  # p_0 ... p_t
+        assert f"| eval/accuracy | {' | '.join(accuracy)} |" in card.text
+        assert f"python jobs/spin.py --config {out / 'config.yaml'}" in card.text
+
+
 def test_each_iteration_generates_with_the_swapped_weights(run, toy):
     """Greedy pairs of iteration t+1 are exactly HF greedy decoding of iter_<t>/model (p_t)."""
     out, _, _ = run
@@ -102,11 +117,11 @@ def test_metrics_jsonl_and_wandb(run):
         (3, 1.0),
     ]
     assert not any(k.startswith("eval/broken") for x in lines for k in x)
-    # Iteration 1 trains on its own pairs only: the share with y' = y is theirs (but for the few
-    # pairs left over when they are dealt to the ranks).
+    # Iteration 1 trains on its own pairs only: the share with y' = y is theirs, within what the
+    # per-step means allow (48 pairs go out as a step of 32 and one of 16, averaged as equals).
     pairs = pq.read_table(out / "iter_1" / "pairs").to_pylist()
     identical = sum(p["real_ids"] == p["generated_ids"] for p in pairs) / len(pairs)
-    assert abs(rows[0]["train/pairs/identical"] - identical) < 0.02, (rows[0]["train/pairs/identical"], identical)
+    assert abs(rows[0]["train/pairs/identical"] - identical) < 0.05, (rows[0]["train/pairs/identical"], identical)
     assert rows[0]["train/lengths/real"] == pytest.approx(np.mean([len(p["real_ids"]) for p in pairs]), abs=0.1)
     # The engines sampled with exactly the weights training holds as p_{t-1} (fp32 both sides).
     assert all(r["gen/logprob_mismatch"] < 1e-3 and r["gen/logprob_mismatch_max"] < 1e-2 for r in rows), rows
@@ -170,13 +185,14 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
     env["RAY_worker_maximum_startup_concurrency"] = "6"  # as the job's own local Ray: one per logical CPU
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path("/tmp") / f"spinray-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    gcs_port = free_port()
     head = subprocess.Popen(
         [
             bin_dir / "ray",
             "start",
             "--head",
             "--block",
-            f"--port={free_port()}",
+            f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1",
             "--dashboard-port=8265",
             "--include-dashboard=true",
@@ -248,6 +264,62 @@ def test_ray_job_submit_against_a_local_head(tmp_path):
         train_lines = [line for line in rank0.splitlines() if line.startswith("[train] iteration")]
         assert train_lines and len(train_lines) == len(set(train_lines))  # each once
         assert (out / "report.html").exists()
+        serve_on_the_head(out, env | {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"})
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # stop our head by its process group, never `ray stop`
         head.wait(timeout=60)
+
+
+def serve_on_the_head(out: Path, env: dict[str, str]) -> None:
+    """The run served as on the cluster that trained it, two ways: `RAY_ADDRESS=<head> python
+    jobs/serve.py RUN_DIR` (it joins the head, no num_cpus of its own), then the RayService's Serve
+    config (deploy/kuberay/rayservice.yaml) sent to the head's dashboard, as KubeRay does. Both
+    answer from p_2 and list its model card's line."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "serve.py"), str(out), "--port", str(port), "serve.max_tokens=8"],
+        env=env,
+        start_new_session=True,
+        stdout=(log := (out.parent / "serve.log").open("w")),  # a pipe nobody reads would fill and block it
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        answers_from_p2(f"http://127.0.0.1:{port}/v1", lambda: server.poll() is None)
+    finally:
+        server.send_signal(signal.SIGTERM)  # it shuts Serve down on the head, which lives on
+        server.wait(timeout=120)
+        log.close()
+    assert server.returncode == 0, (out.parent / "serve.log").read_text()[-3000:]
+    service = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["applications"][0]["args"] |= {"path": str(out), "overrides": ["serve.max_tokens=8"]}
+    (file := out.parent / "serve-config.yaml").write_text(yaml.safe_dump(config))
+    serve_cli = Path(sys.executable).parent / "serve"
+    subprocess.run([serve_cli, "deploy", file, "-a", "http://127.0.0.1:8265"], env=env, check=True, timeout=120)
+    try:
+        answers_from_p2(f"http://127.0.0.1:{port}/v1", lambda: True)
+    finally:
+        subprocess.run([serve_cli, "shutdown", "-y", "-a", "http://127.0.0.1:8265"], env=env, timeout=120)
+
+
+def answers_from_p2(url: str, alive) -> None:
+    import httpx
+
+    models = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and alive():
+        try:
+            models = httpx.get(f"{url}/models", timeout=10)
+            if models.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    assert alive() and models is not None and models.status_code == 200, f"{url} did not come up on the head"
+    (listed,) = models.json()["data"]
+    assert listed["id"] == "spin-iter-2" and listed["summary"].startswith("Iteration 2 of SPIN"), listed
+    body = {"model": "spin-iter-2", "messages": [{"role": "user", "content": "12+34="}], "max_tokens": 8}
+    reply = httpx.post(f"{url}/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"], reply.text

@@ -1,8 +1,6 @@
 """The dry run: the plan's numbers, in seconds, with nothing started (no Ray, no engine, no trainer)."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import LLAMA_7B, shaped_model
 from transformers import AutoModelForCausalLM
 
 from spin_ray.config import load_config
@@ -18,13 +17,6 @@ from spin_ray.driver import estimate, placement, plan
 from spin_ray.driver.prepare import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
-LLAMA_7B = {
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "intermediate_size": 11008,
-    "vocab_size": 32000,
-}
 LLAMA_70B = {
     "hidden_size": 8192,
     "num_hidden_layers": 80,
@@ -47,26 +39,6 @@ GPU_SETTING = [
     "data.max_response_tokens=512",
 ]
 GIB = 2**30
-
-
-def shaped_model(root: Path, toy, shape: dict) -> Path:
-    """A model dir with a Llama config.json of `shape`, the toy tokenizer and no weights, plus a
-    small chat JSONL next to it."""
-    root.mkdir(parents=True, exist_ok=True)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "max_position_embeddings": 4096,
-        "torch_dtype": "bfloat16",
-        "tie_word_embeddings": False,
-        **shape,
-    }
-    (root / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(toy.model_dir / name, root / name)
-    lines = toy.train_path.read_text().splitlines()[:40]
-    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def run_dry(*overrides: str) -> tuple[subprocess.CompletedProcess, float]:

@@ -20,6 +20,8 @@ from spin_ray.cluster import ActorLost
 from spin_ray.driver.job import run_job
 from spin_ray.driver.prepare import prepare
 
+JOB_ACTORS = {"Coordinator", "EnginePool", "Channel", "Engine"}
+
 
 def alive_pids() -> dict[str, int]:
     """Actor class name -> pid, for this test's Ray (its processes descend from this one; Ray
@@ -58,16 +60,14 @@ def test_a_dead_supervisor_stops_the_job_in_seconds_and_the_same_command_resumes
             ("Coordinator", "the coordinator actor"),
         ):
             job = pool.submit(run_job, cfg, prepare(cfg))
-            pids = wait_for(
-                "the job's actors", lambda: (p := alive_pids()) and {"EnginePool", "Channel"} <= p.keys() and p
-            )
             wait_for("the first pairs", lambda: any(generating.glob("part-*.parquet")))
-            os.kill(pids[victim], signal.SIGKILL)
+            os.kill(wait_for(victim, lambda v=victim: alive_pids().get(v)), signal.SIGKILL)
             killed = time.monotonic()
             with pytest.raises(ActorLost, match=f"{named} died.*run the same command to resume"):
                 job.result(timeout=120)
             assert time.monotonic() - killed < 30, victim
-            wait_for("the job's actors to go", lambda: not {"Coordinator", "Engine"} & alive_pids().keys(), 60)
+            # all of them: a dying actor's pid, read by the next round, would be the wrong victim
+            wait_for("the job's actors to go", lambda: not JOB_ACTORS & alive_pids().keys(), 60)
         summary = pool.submit(run_job, cfg, prepare(cfg)).result(timeout=600)
     assert [row["iteration"] for row in summary["history"]] == [0, 1]
     ref_out = Path(reference["output_dir"])

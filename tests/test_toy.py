@@ -33,3 +33,24 @@ def test_data_and_p0(toy):
     assert not is_correct([{"role": "user", "content": "12+34="}], "47")
     p0 = json.loads((toy.root / "BUILD_OK.json").read_text())["p0_eval_greedy_accuracy"]
     assert 0.3 <= p0 <= 0.8  # weak, but far from random (~0.01)
+
+
+def test_reverse_task_words_answers_and_the_settings_it_needs(toy):
+    """toy.task=reverse: 3000 distinct words of 6-10 letters in a seeded order, each answered by
+    itself reversed; the sums' data is what it was (the cached world's held-out split)."""
+    import pytest
+
+    from spin_ray.config import ConfigError, load_config
+    from spin_ray.toy import _make_splits
+
+    train, held_out, dev = _make_splits(0, "reverse")
+    assert (len(train), len(held_out), len(dev)) == (2000, 500, 500) and _make_splits(0, "reverse")[0] == train
+    words = [r["messages"][0]["content"].removeprefix("reverse: ") for r in train + held_out + dev]
+    assert len(set(words)) == 3000 and all(6 <= len(w) <= 10 and w.isalpha() for w in words)
+    assert all(r["messages"][1]["content"] == w[::-1] for r, w in zip(train, words, strict=False))
+    user = [{"role": "user", "content": "reverse: abcdef"}]
+    assert is_correct(user, " fedcba<|end|>") and not is_correct(user, "fedcb")
+    assert _make_splits(0)[1] == read_jsonl(toy.eval_path)
+    with pytest.raises(ConfigError, match="generation.max_tokens=12"):
+        load_config(None, ["toy.task=reverse", "generation.max_tokens=8"])
+    assert load_config(None, ["toy.task=reverse", "generation.max_tokens=12"]).toy.task == "reverse"

@@ -42,7 +42,7 @@ def prepare(cfg: Config, dry_run: bool = False) -> Prepared:
     if toy:
         from spin_ray.toy import toy_world
 
-        world = toy_world(cfg.run.seed)
+        world = toy_world(cfg.run.seed, cfg.toy.task)
         model_path = str(world.model_dir)
         train_path = train_path or str(world.train_path)
         eval_path = eval_path or str(world.eval_path)

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from spin_ray.card import card
 from spin_ray.cluster import ActorLost, dead
 from spin_ray.config import Config
 from spin_ray.engines.client import Engines, run_batch, warm_up
@@ -39,7 +40,7 @@ from spin_ray.report import write_report
 from spin_ray.rundir import RunDir, write_atomic
 from spin_ray.serve.app import live_endpoint
 from spin_ray.stages import Generated, IterationDone, Prepared, Synced, Trained, distinct_only
-from spin_ray.tracking import Tracker
+from spin_ray.tracking import Tracker, read_metrics
 from spin_ray.trainer.supervisor import Trainer
 
 REFERENCE = {"real_ids": "ref_real_logps", "generated_ids": "ref_generated_logps"}  # log p_{t-1}, by the engines
@@ -284,6 +285,8 @@ class Coordinator:
         self.marks["start_evaluated"] = time.time()
         if t == 0:  # a resumed run logged this row when the iteration before ended
             self.tracker.log(row, step=step)
+        else:  # its card, in case the run stopped before writing it
+            self._card(t, row)
         return row
 
     def _iteration_row(self, done: IterationDone, evaluate: Evaluator) -> dict[str, Any]:
@@ -303,9 +306,19 @@ class Coordinator:
             "time/iteration_s": time.perf_counter() - done.started,
         }
         self.tracker.log(row, step=done.global_step)
+        self._card(done.t, row)
         self.progress.say(iteration_line(row, self.cfg.spin.iterations))
         self._report()
         return row
+
+    def _card(self, t: int, row: dict[str, Any]) -> None:
+        """iter_t's model card, with the held-out metrics of p_0 ... p_t (`row`: p_t's)."""
+        rows = read_metrics(self.run_dir.root) + [row]
+        model = self.run_dir.model(t)
+        for d in (model, model.with_name("merged")):
+            if d.is_dir():
+                text = card(self.cfg, self.p.model_path, t, rows, self.p.train.fingerprint, merged=d != model)
+                write_atomic(d / "README.md", text)
 
     def _report(self) -> None:
         try:  # the report is for reading, never a reason to stop the run

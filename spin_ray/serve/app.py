@@ -9,15 +9,20 @@ With `serve.live=true` the same ingress answers during a SPIN job from the job's
 `spin-live-iter-2`), so after every hot-swap it answers from the new weights.
 
     python jobs/serve.py RUN_DIR --iteration all      # then: the `openai` client on /v1
+
+A Serve config file (a RayService's `serveConfigV2`) starts the same app with
+`import_path: spin_ray.serve.app:build` and jobs/serve.py's arguments as `args`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from spin_ray.config import Config
+from spin_ray.card import summary
+from spin_ray.config import Config, ConfigError, load_config
 from spin_ray.engines.client import Engines
 from spin_ray.engines.engine import engine_env, engine_kwargs
 from spin_ray.lora import engine_targets, is_adapter, split
@@ -26,6 +31,39 @@ from spin_ray.rundir import RunDir
 from spin_ray.serve.gateway import Gateway, key_digest
 
 LORA_BASE = "spin-base"  # the served base model of a LoRA run; requests name its adapters
+
+
+def load(
+    path: str | Path, iteration: str = "latest", merged: bool = False, overrides: Sequence[str] = ()
+) -> tuple[Config, dict[str, Path], int]:
+    """(config, {model name: dir}, engine length) to serve `path`: a run dir's own config.yaml gives
+    the engine settings and prompt limit, `overrides` apply on top. Raises ConfigError, ValueError or
+    OSError that say what to fix, before any engine starts."""
+    from transformers import AutoConfig
+
+    stored = Path(path) / "config.yaml"
+    cfg = load_config(stored if stored.exists() else None, list(overrides))
+    models = checkpoints(path, iteration, merged)
+    length = max_model_len(cfg)
+    longest = min(
+        getattr(AutoConfig.from_pretrained(split(str(d))[0]), "max_position_embeddings", length)
+        for d in models.values()
+    )
+    if length > longest:
+        raise ConfigError(
+            f"serve.max_prompt_tokens (or data.max_prompt_tokens) + serve.max_tokens = {length} exceeds "
+            f"the model's max_position_embeddings ({longest}): lower them"
+        )
+    return cfg, models, length
+
+
+def build(args: dict) -> Any:
+    """The app of a Serve config file: `args` are `path` and optionally `iteration`, `merged` and
+    `overrides` (a list of key=value), as jobs/serve.py takes them. The file's http_options give host
+    and port; the key comes from the variable serve.api_key_env names, in the cluster's environment."""
+    iteration, merged = str(args.get("iteration", "latest")), bool(args.get("merged", False))
+    cfg, models, length = load(args["path"], iteration, merged, args.get("overrides", []))
+    return application(models, cfg, length, os.environ.get(cfg.serve.api_key_env))
 
 
 def checkpoints(path: str | Path, iteration: str = "latest", merged: bool = False) -> dict[str, Path]:
@@ -92,6 +130,11 @@ def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int, adap
 
 def serve_models(models: dict[str, Path], cfg: Config, max_model_len: int, api_key: str | None) -> str:
     """Deploys every model behind one gateway on cfg.serve.host:port; returns the base URL."""
+    return _run(cfg, application(models, cfg, max_model_len, api_key), "spin")
+
+
+def application(models: dict[str, Path], cfg: Config, max_model_len: int, api_key: str | None) -> Any:
+    """Every model's Serve LLM deployment behind one gateway."""
     from ray.serve.llm import build_llm_deployment
 
     adapters = {name: str(d) for name, d in models.items() if is_adapter(d)}
@@ -109,15 +152,15 @@ def serve_models(models: dict[str, Path], cfg: Config, max_model_len: int, api_k
         configs = {name: llm_config(name, d, cfg, max_model_len) for name, d in models.items()}
         deployments = {name: build_llm_deployment(c, name_prefix=f"{name}-") for name, c in configs.items()}
         cards = {name: model_card(name, c) for name, c in configs.items()}
-    app = _gateway(cfg).bind(
+    return _gateway(cfg).bind(
         model_dirs={name: str(d) for name, d in models.items()},
         limits=_limits(cfg),
         key_digest=key_digest(api_key),
         llm_deployments=deployments,
         model_cards=cards,
         lora_base=LORA_BASE if adapters else None,
+        summaries={name: summary(d) for name, d in models.items()},
     )
-    return _run(cfg, app, "spin")
 
 
 def live_endpoint(

@@ -46,6 +46,7 @@ class Gateway:
         model_cards: dict | None = None,
         engines: Engines | None = None,
         lora_base: str | None = None,
+        summaries: dict[str, str | None] | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -53,6 +54,7 @@ class Gateway:
             self.oai = openai_ingress(llm_deployments, model_cards)
         self.engines = engines
         self.lora_base = lora_base  # the models are LoRA adapters of this Serve LLM model
+        self.summaries = summaries or {}  # each model card's one line (spin_ray.card)
         # Live requests go to the engines one at a time: a SPIN batch never waits behind more than one.
         self.live_turn = asyncio.Semaphore(1)
         self.tokenizers = {name: AutoTokenizer.from_pretrained(d) for name, d in model_dirs.items()}
@@ -76,11 +78,13 @@ class Gateway:
             if denied := self._denied(request):
                 return denied
             if self.engines is not None or self.lora_base:  # Serve LLM lists adapters from cloud storage only
-                return {
-                    "object": "list",
-                    "data": [{"id": m, "object": "model", "owned_by": "spin-ray"} for m in self.tokenizers],
-                }
-            return (await self.oai.models()).model_dump()
+                listed = {"data": [{"id": m, "object": "model", "owned_by": "spin-ray"} for m in self.tokenizers]}
+            else:
+                listed = (await self.oai.models()).model_dump()
+            for entry in listed["data"]:
+                if text := self.summaries.get(entry["id"]):
+                    entry["summary"] = text
+            return {"object": "list"} | listed
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Any:
