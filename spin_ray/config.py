@@ -218,8 +218,8 @@ class RunConfig(Section):
 
 
 class ToyConfig(Section):
-    task: Literal["addition", "reverse"] = Field(
-        "addition", description="model.path=toy: sums, or 6-10 letter words to reverse."
+    task: Literal["addition", "working"] = Field(
+        "addition", description="model.path=toy: sums, or sums with the working written out (longer answers)."
     )
 
 
@@ -248,8 +248,8 @@ class Config(Section):
                 "sync.method=broadcast needs engines and trainer on the same kind of device (NCCL between GPUs, "
                 "gloo between CPUs): set train.use_gpu and generation.num_gpus alike, or use sync.method=object_store"
             )
-        if self.model.path == "toy" and self.toy.task == "reverse" and self.generation.max_tokens < 12:
-            raise ValueError("toy.task=reverse answers up to 10 letters and EOS: set generation.max_tokens=12")
+        if self.model.path == "toy" and self.toy.task == "working" and self.generation.max_tokens < 24:
+            raise ValueError("toy.task=working answers take up to 19 tokens: set generation.max_tokens=24")
         if lora := self.train.lora:
             g = self.generation
             g.max_lora_rank = g.max_lora_rank or min(r for r in get_args(LoraRank) if r >= lora.r)

@@ -1,7 +1,7 @@
 """The embedded toy world: a tiny offline SPIN playground, deterministic by seed.
 
 Task: 2-digit addition. The user says "12+34=", the assistant answers "46". With
-`toy.task=reverse`: "reverse: qwert" -> "trewq", words of 6-10 letters.
+`toy.task=working`, the sum with its working written out: "work out 34+58" -> "4+8=12 3+5+1=9 92".
 Everything is made locally, no hub access:
 
   root/
@@ -53,8 +53,9 @@ OPERAND_MIN, OPERAND_MAX = 10, 99  # both operands are 2-digit -> all prompts ha
 # p_0's SFT stops as soon as its greedy dev accuracy reaches SFT_TARGET_ACC. Addition is
 # learned in a sudden jump (the carry rule clicks), whose timing varies a lot with the seed
 # (~200-700 steps), so a fixed step count gives p_0 anywhere from ~0.05 to ~0.9 accuracy.
-# Stopping on a dev split lands every seed in the same middle of that jump.
-SFT_TARGET_ACC = 0.5
+# Stopping on a dev split lands every seed in the same middle of that jump. The working's p_0 stops
+# at its start, where a sample rarely reproduces the whole answer.
+SFT_TARGET_ACC = {"addition": 0.5, "working": 0.1}
 SFT_MAX_STEPS = 1500
 SFT_CHECK_EVERY = 10
 SFT_BATCH = 64
@@ -74,22 +75,20 @@ class ToyWorld:
 # task: data and correctness
 
 _PROMPT_RE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=?\s*$")
-# The second task, `toy.task=reverse`: "reverse: qwhtkpe" -> "ephtkhwq"-style answers of 6-10
-# letters, long enough that a sample of p_0 rarely equals y exactly (the sums' 2-3 digits often do,
-# and such a pair gives SPIN no gradient).
-_REVERSE_RE = re.compile(r"^\s*reverse:\s*([a-z]+)\s*$")
-REVERSE_LENGTHS = (6, 10)
-MAX_ANSWER_TOKENS = {"addition": 8, "reverse": 12}  # the answer and EOS, with room
+# The second task, `toy.task=working`: the same sums, answered with the working written out (17-18
+# characters where the sum has 2-3), and a p_0 stopped early (SFT_TARGET_ACC), so that a sample of
+# p_0 rarely equals y exactly: the sums' short answers often do, and such a pair gives SPIN no
+# gradient. (Reversing 4-10 letter words was tried first: this 2-layer model stays under 5% after
+# 4,000 SFT steps.)
+_WORKING_RE = re.compile(r"^\s*work out\s*(\d+)\s*\+\s*(\d+)\s*$")
+MAX_ANSWER_TOKENS = {"addition": 8, "working": 24}  # the answer and EOS, with room
 
 
-def _reverse_splits(seed: int) -> list[tuple[str, str]]:
-    rng, words = random.Random(seed), set()
-    while len(words) < N_TRAIN + N_EVAL + N_DEV:
-        n = rng.randint(*REVERSE_LENGTHS)
-        words.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n)))
-    ordered = sorted(words)  # a set's order varies with the process's hash seed
-    rng.shuffle(ordered)
-    return [(f"reverse: {w}", w[::-1]) for w in ordered]
+def working(a: int, b: int) -> str:
+    """Units first, then tens with the carry (always written, +0 or +1), then the sum."""
+    units = a % 10 + b % 10
+    tens = a // 10 + b // 10 + units // 10
+    return f"{a % 10}+{b % 10}={units} {a // 10}+{b // 10}+{units // 10}={tens} {a + b}"
 
 
 def _prompt(a: int, b: int) -> str:
@@ -97,13 +96,12 @@ def _prompt(a: int, b: int) -> str:
 
 
 def _make_splits(seed: int, task: str = "addition") -> tuple[list[dict], list[dict], list[dict]]:
-    """Disjoint train/eval/dev examples: a seeded shuffle of all (a, b) operand pairs, or of
-    distinct random words to reverse."""
-    if task == "reverse":
-        examples = _reverse_splits(seed)
+    """Disjoint train/eval/dev examples: a seeded shuffle of all (a, b) operand pairs."""
+    pairs = [(a, b) for a in range(OPERAND_MIN, OPERAND_MAX + 1) for b in range(OPERAND_MIN, OPERAND_MAX + 1)]
+    random.Random(seed).shuffle(pairs)
+    if task == "working":
+        examples = [(f"work out {a}+{b}", working(a, b)) for a, b in pairs]
     else:
-        pairs = [(a, b) for a in range(OPERAND_MIN, OPERAND_MAX + 1) for b in range(OPERAND_MIN, OPERAND_MAX + 1)]
-        random.Random(seed).shuffle(pairs)
         examples = [(_prompt(a, b), str(a + b)) for a, b in pairs]
     assert len(examples) >= N_TRAIN + N_EVAL + N_DEV
 
@@ -125,7 +123,7 @@ def _make_splits(seed: int, task: str = "addition") -> tuple[list[dict], list[di
 
 
 def is_correct(prompt_messages: list[dict], response: str) -> bool:
-    """True iff `response` is the exact sum (or reversed word) asked for by the last user message.
+    """True iff `response` is the exact sum (or working) asked for by the last user message.
 
     Leading/trailing whitespace and a literal EOS string (in case a caller decoded
     without skip_special_tokens) are tolerated; anything else makes it wrong.
@@ -134,8 +132,8 @@ def is_correct(prompt_messages: list[dict], response: str) -> bool:
     if not user:
         return False
     answer = response.replace(EOS, "").strip()
-    if m := _REVERSE_RE.match(user[-1]):
-        return answer == m.group(1)[::-1]
+    if m := _WORKING_RE.match(user[-1]):
+        return answer == working(int(m.group(1)), int(m.group(2)))
     m = _PROMPT_RE.match(user[-1])
     return m is not None and answer == str(int(m.group(1)) + int(m.group(2)))
 
@@ -228,7 +226,7 @@ def build_toy_world(root: str | Path, seed: int = 0, *, task: str = "addition", 
             lr=SFT_LR,
             warmup=SFT_WARMUP,
             seed=seed,
-            stop=lambda: accuracy(dev) >= SFT_TARGET_ACC,
+            stop=lambda: accuracy(dev) >= SFT_TARGET_ACC[task],
             check_every=SFT_CHECK_EVERY,
         )
         acc = accuracy(held_out)

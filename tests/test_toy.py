@@ -35,22 +35,30 @@ def test_data_and_p0(toy):
     assert 0.3 <= p0 <= 0.8  # weak, but far from random (~0.01)
 
 
-def test_reverse_task_words_answers_and_the_settings_it_needs(toy):
-    """toy.task=reverse: 3000 distinct words of 6-10 letters in a seeded order, each answered by
-    itself reversed; the sums' data is what it was (the cached world's held-out split)."""
+def test_working_task_answers_and_the_settings_it_needs(toy):
+    """toy.task=working: the sums' operand pairs in the same seeded order, each answered with its
+    working (units, tens with the carry, the sum); the sums' data is what it was."""
     import pytest
 
     from spin_ray.config import ConfigError, load_config
-    from spin_ray.toy import _make_splits
+    from spin_ray.toy import _make_splits, working
 
-    train, held_out, dev = _make_splits(0, "reverse")
-    assert (len(train), len(held_out), len(dev)) == (2000, 500, 500) and _make_splits(0, "reverse")[0] == train
-    words = [r["messages"][0]["content"].removeprefix("reverse: ") for r in train + held_out + dev]
-    assert len(set(words)) == 3000 and all(6 <= len(w) <= 10 and w.isalpha() for w in words)
-    assert all(r["messages"][1]["content"] == w[::-1] for r, w in zip(train, words, strict=False))
-    user = [{"role": "user", "content": "reverse: abcdef"}]
-    assert is_correct(user, " fedcba<|end|>") and not is_correct(user, "fedcb")
+    train, held_out, dev = _make_splits(0, "working")
+    assert (len(train), len(held_out), len(dev)) == (2000, 500, 500)
+    sums = _make_splits(0)[0]
+    assert [r["messages"][0]["content"] for r in train[:2]] == [
+        "work out " + s["messages"][0]["content"].removesuffix("=") for s in sums[:2]
+    ]
+    assert (working(34, 58), working(12, 34), working(99, 99)) == (
+        "4+8=12 3+5+1=9 92",
+        "2+4=6 1+3+0=4 46",
+        "9+9=18 9+9+1=19 198",
+    )
+    assert all(is_correct(r["messages"][:-1], r["messages"][-1]["content"]) for r in train + held_out + dev)
+    user = [{"role": "user", "content": "work out 34+58"}]
+    assert is_correct(user, " 4+8=12 3+5+1=9 92<|end|>") and not is_correct(user, "4+8=12 3+5=8 92")
+    assert not is_correct(user, "92")  # the whole working is the answer
     assert _make_splits(0)[1] == read_jsonl(toy.eval_path)
-    with pytest.raises(ConfigError, match="generation.max_tokens=12"):
-        load_config(None, ["toy.task=reverse", "generation.max_tokens=8"])
-    assert load_config(None, ["toy.task=reverse", "generation.max_tokens=12"]).toy.task == "reverse"
+    with pytest.raises(ConfigError, match="generation.max_tokens=24"):
+        load_config(None, ["toy.task=working", "generation.max_tokens=12"])
+    assert load_config(None, ["toy.task=working", "generation.max_tokens=24"]).toy.task == "working"
