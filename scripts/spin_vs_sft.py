@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         start = [f"run.seed={seed}"]
         if args.converged:
             p0 = Path(args.out) / f"p0-s{seed}"
-            run(p0, start + CONVERGE)
+            run(p0, start + args.overrides + CONVERGE)  # the same task and settings, SFT-converged
             toy = toy_world(seed, load_config(ROOT / "configs" / "toy.yaml", args.overrides).toy.task)
             start += [f"model.path={p0 / 'iter_6' / 'model'}", f"data.train_path={toy.train_path}"]
             start += [f"data.eval_path={toy.eval_path}"]

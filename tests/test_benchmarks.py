@@ -25,7 +25,7 @@ SMALLEST = {
     ],
     "training": ["--rounds", "2"],
     "weight_sync": ["--sizes", "10"],
-    "serving": ["--requests", "4", "--concurrency", "1", "--new-tokens", "4"],
+    "serving": ["--rounds", "2", "--requests", "4", "--concurrency", "1", "--new-tokens", "4"],
     "iteration-curve": ["curve", "--sizes", "64"],
     "iteration-official": ["official", "--rounds", "1"],
     "soak": ["--iterations", "2"],
