@@ -2,6 +2,7 @@
 server (`vllm serve`), on the same model, engine settings and load, both on loopback.
 
     python benchmarks/serving.py [--rounds 5] [--requests 96] [--concurrency 1 8 32] [--new-tokens 32]
+    python benchmarks/serving.py --throughput-optimized     # spin-ray on Serve's direct ingress
 
 Both servers stay up and take turns: each round measures every concurrency level on both, the
 order alternating from round to round, so that a noisy minute on a shared machine falls on both.
@@ -15,6 +16,7 @@ generate the same tokens.
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import statistics
@@ -136,9 +138,17 @@ def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> Iterator
             "generation.num_cpus=1",
         ],
     )
+    direct = free_port()
+    if args.throughput_optimized:  # Serve's own flag, read by its processes: set before Ray starts them
+        os.environ |= {
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # among others, direct ingress: no HTTP proxy
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct),  # the gateway's port, not serve.port
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct + 1),
+        }
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        yield warmed(serve_models({name: model_dir}, cfg, MAX_MODEL_LEN, api_key=None), name, args)
+        url = serve_models({name: model_dir}, cfg, MAX_MODEL_LEN, api_key=None)
+        yield warmed(f"http://127.0.0.1:{direct}/v1" if args.throughput_optimized else url, name, args)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -150,7 +160,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="spin-ray on Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode (direct ingress, no proxy hop)",
+    )
     args = parser.parse_args()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Ray's driver logging would print every request
     runs: dict[str, dict[int, list[dict[str, float]]]] = {"vllm serve": {}, "spin-ray": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
