@@ -8,29 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import ModelCard, metadata_load
 
 from spin_ray.config import Config
 from spin_ray.lora import split
 
 
-def front_matter(readme: Path) -> dict[str, Any]:
-    """The YAML between the leading `---` lines of a model card; {} when there is none."""
-    try:
-        text = readme.read_text()
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    if not text.startswith("---\n") or "\n---" not in text[4:]:
-        return {}
-    meta = yaml.safe_load(text[4 : text.index("\n---", 4)])
-    return meta if isinstance(meta, dict) else {}
-
-
 def summary(model_dir: Path) -> str | None:
     """The one line under a spin-ray card's title, or None (no card, or not one of ours)."""
-    try:
-        body = (model_dir / "README.md").read_text().split("\n---\n", 1)[-1].splitlines()
-    except (FileNotFoundError, NotADirectoryError):
+    readme = model_dir / "README.md"
+    if not readme.is_file():
         return None
+    loaded = ModelCard.load(readme)
+    if "spin-ray" not in (loaded.data.tags or []):  # e.g. the template PEFT writes with an adapter
+        return None
+    body = loaded.text.splitlines()
     titles = [i for i, line in enumerate(body) if line.startswith("# ")]
     return next((line for line in body[titles[0] + 1 :] if line.strip()), None) if titles else None
 
@@ -51,7 +43,8 @@ def card(cfg: Config, base: str, t: int, rows: list[dict[str, Any]], fingerprint
         "library_name": "peft" if cfg.train.lora and not merged else "transformers",
         "tags": ["spin", "self-play", "spin-ray"] + (["lora"] if cfg.train.lora else []),
     }
-    if license_ := front_matter(Path(split(base)[0]) / "README.md").get("license"):
+    base_card = Path(split(base)[0]) / "README.md"
+    if license_ := base_card.is_file() and (metadata_load(base_card) or {}).get("license"):
         meta["license"] = license_
     s, tr = cfg.spin, cfg.train
     settings = {

@@ -75,7 +75,7 @@ class ToyWorld:
 # task: data and correctness
 
 _PROMPT_RE = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*=?\s*$")
-# The second task, `toy.task=working`: the same sums, answered with the working written out (17-18
+# The second task, `toy.task=working`: the same sums, answered with the working written out (16-19
 # characters where the sum has 2-3), and a p_0 stopped early (SFT_TARGET_ACC), so that a sample of
 # p_0 rarely equals y exactly: the sums' short answers often do, and such a pair gives SPIN no
 # gradient. (Reversing 4-10 letter words was tried first: this 2-layer model stays under 5% after

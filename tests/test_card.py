@@ -47,3 +47,5 @@ def test_lora_adapter_card_says_peft_and_no_license_without_one(tmp_path):
     assert "lora" in a.data.tags and a.data.license is None and a.data.base_model == "org/base-7b"
     assert "No held-out evaluation was logged" in a.text and "LoRA adapter of" in summary(adapter)
     assert summary(tmp_path) is None  # no card
+    (tmp_path / "README.md").write_text("---\nlibrary_name: peft\n---\n# Model Card for Model ID\n\nPEFT's\n")
+    assert summary(tmp_path) is None  # a card, not one of ours
