@@ -1,8 +1,9 @@
-"""Serving benchmark: spin-ray's endpoint (our gateway + Ray Serve LLM) against vLLM's own OpenAI
-server (`vllm serve`), on the same model, engine settings and load, both on loopback.
+"""Serving benchmark: spin-ray's endpoint as `jobs/serve.py` starts it on one machine (our gateway
+on its own port + Ray Serve LLM) against vLLM's own OpenAI server (`vllm serve`), on the same
+model, engine settings and load, both on loopback.
 
     python benchmarks/serving.py [--rounds 5] [--requests 96] [--concurrency 1 8 32] [--new-tokens 32]
-    python benchmarks/serving.py --throughput-optimized     # spin-ray on Serve's direct ingress
+    python benchmarks/serving.py --proxy      # spin-ray behind Serve's HTTP proxy, as on a cluster
 
 Both servers stay up and take turns: each round measures every concurrency level on both, the
 order alternating from round to round, so that a noisy minute on a shared machine falls on both.
@@ -126,7 +127,7 @@ def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> Iterator
     from ray import serve
 
     from spin_ray.config import load_config
-    from spin_ray.serve.app import serve_models
+    from spin_ray.serve.app import direct_ingress_env, serve_models
 
     cfg = load_config(
         None,
@@ -134,21 +135,16 @@ def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> Iterator
             f"serve.port={free_port()}",
             f"serve.max_tokens={args.new_tokens}",
             f"serve.max_prompt_tokens={MAX_MODEL_LEN - args.new_tokens}",
+            f"serve.direct_ingress={not args.proxy}",
             f"generation.kv_cache_gib={KV_BYTES / 2**30}",
             "generation.num_cpus=1",
         ],
     )
-    direct = free_port()
-    if args.throughput_optimized:  # Serve's own flag, read by its processes: set before Ray starts them
-        os.environ |= {
-            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # among others, direct ingress: no HTTP proxy
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct),  # the gateway's port, not serve.port
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct + 1),
-        }
+    if cfg.serve.direct_ingress:  # as jobs/serve.py sets them: before Ray starts Serve's processes
+        os.environ |= direct_ingress_env(cfg)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        url = serve_models({name: model_dir}, cfg, MAX_MODEL_LEN, api_key=None)
-        yield warmed(f"http://127.0.0.1:{direct}/v1" if args.throughput_optimized else url, name, args)
+        yield warmed(serve_models({name: model_dir}, cfg, MAX_MODEL_LEN, api_key=None), name, args)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -161,9 +157,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument(
-        "--throughput-optimized",
+        "--proxy",
         action="store_true",
-        help="spin-ray on Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode (direct ingress, no proxy hop)",
+        help="spin-ray behind Serve's HTTP proxy, as when jobs/serve.py joins a cluster (serve.direct_ingress=false)",
     )
     args = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Ray's driver logging would print every request

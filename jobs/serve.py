@@ -1,7 +1,7 @@
 """Serve a run's checkpoints (or any HF model dir) as an OpenAI-compatible endpoint on Ray Serve.
 
     python jobs/serve.py runs/toy                         # the latest iteration, as spin-iter-<t>
-    python jobs/serve.py runs/toy --iteration all         # every finished iteration at once
+    python jobs/serve.py runs/toy --iteration all         # every finished iteration at once (or 1,3)
     python jobs/serve.py /models/my-sft --port 8001 generation.num_gpus=1 model.dtype=bfloat16
     python jobs/serve.py runs/lora --iteration all        # a LoRA run: its adapters on one base model
     python jobs/serve.py runs/lora --merged               # ... or its merged checkpoints (export_merged)
@@ -9,7 +9,9 @@
 A run dir's own config.yaml gives the engine settings (`generation.*`, `model.dtype`) and the
 prompt limit; `serve.*` keys and overrides apply on top. Binds 127.0.0.1 unless --host says
 otherwise; when the variable named by `serve.api_key_env` (SPIN_SERVE_API_KEY) is set, every /v1
-request needs `Authorization: Bearer <key>`. Runs until interrupted.
+request needs `Authorization: Bearer <key>`. On a Ray it starts itself, the gateway listens on the
+port directly (serve.direct_ingress); joining a cluster (RAY_ADDRESS), requests pass Serve's proxy.
+Runs until interrupted.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="a run dir (run.output_dir) or a Hugging Face model dir")
-    parser.add_argument("--iteration", default="latest", help="N, latest or all (run dirs only)")
+    parser.add_argument("--iteration", default="latest", help="N, a list such as 1,3, latest or all (run dirs only)")
     parser.add_argument("--merged", action="store_true", help="a LoRA run's merged checkpoints, not its adapters")
     parser.add_argument("--host", help="bind address (default serve.host: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default serve.port: 8000)")
@@ -43,8 +45,8 @@ def main(argv: list[str]) -> int:
 
     import ray
 
-    from spin_ray.cluster import join_or_start
-    from spin_ray.serve.app import serve_models
+    from spin_ray.cluster import join_or_start, ray_address
+    from spin_ray.serve.app import direct_ingress_env, serve_models
     from spin_ray.serve.gateway import check_exposure
 
     try:
@@ -52,6 +54,18 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    joins = ray.is_initialized() or bool(ray_address(cfg))
+    if cfg.serve.direct_ingress and joins:
+        print(
+            "error: serve.direct_ingress=true needs Serve's variables in every process of the cluster, so it is set "
+            "only on a Ray this script starts; on a cluster, leave it unset (see docs/serving.md)",
+            file=sys.stderr,
+        )
+        return 2
+    if cfg.serve.direct_ingress is None:  # the default: no proxy hop on a Ray of our own
+        cfg.serve.direct_ingress = not joins
+    if cfg.serve.direct_ingress:
+        os.environ.update(direct_ingress_env(cfg))
     if not ray.is_initialized():
         # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
         join_or_start(cfg, max(os.cpu_count() or 1, 2 * len(models) + 2))

@@ -92,17 +92,14 @@ class GenerationConfig(Section):
 
 class SpinConfig(Section):
     objective: Literal["spin", "sft"] = Field(
-        "spin",
-        description="`sft`: the same-compute baseline, NLL of the real answers with the same steps, data and "
-        "schedule (no generation).",
+        "spin", description="`sft`: the same-compute baseline, NLL of the real answers, same steps, data and schedule."
     )
     iterations: int = Field(3, gt=0, description="SPIN iterations.")
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the SPIN loss.")
     loss_type: Literal["sigmoid", "hinge", "ipo"] = Field("sigmoid", description="SPIN loss.")
     mix_previous: int = Field(1, ge=0, description="Earlier iterations whose pairs are mixed in (paper: 1).")
     reference: Literal["model", "engines"] = Field(
-        "model",
-        description="Reference log-probs from a frozen copy of p_t in the trainer, or scored by the engines.",
+        "model", description="Reference log-probs from a frozen copy of p_t in the trainer, or scored by the engines."
     )
     stream: bool = Field(
         True,
@@ -199,6 +196,9 @@ class ServeConfig(Section):
     max_body_kb: int = Field(256, gt=0, description="Largest request body.")
     max_concurrency: int = Field(64, gt=0, description="Requests in flight; more get 429.")
     live: bool = Field(False, description="During a SPIN job, serve the engines' current weights (model spin-live).")
+    direct_ingress: bool | None = Field(
+        None, description="jobs/serve.py's gateway listens on serve.port, no proxy hop; null = on a Ray it starts."
+    )
 
 
 class RunConfig(Section):

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,13 +11,13 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import torch
 from helpers import LIVE_QUESTION, free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray.config import load_config
-from spin_ray.serve.app import checkpoints, serve_models
+from spin_ray.serve.app import checkpoints
 from spin_ray.toy import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,13 +35,20 @@ def hf_greedy_text(model_dir: Path, question: str, max_tokens: int = 8) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, toy_run, toy):
-    from ray import serve
-
+def server(toy_run, toy, tmp_path_factory):
+    """`jobs/serve.py RUN --iteration 1,3` as a user starts it on one machine: its own Ray, where
+    the gateway itself listens on serve.port (serve.direct_ingress's default there; the path
+    through Serve's proxy, a cluster's default, is tested in test_job.py on a Ray head)."""
     out = toy_run[0]
     models = {name: path for name, path in checkpoints(out, "all").items() if name in SERVED}
-    cfg = load_config(out / "config.yaml", [f"serve.port={free_port()}", "serve.max_tokens=8", "serve.max_body_kb=16"])
-    url = serve_models(models, cfg, max_model_len=48, api_key=KEY)
+    port = free_port()
+    command = [sys.executable, str(ROOT / "jobs" / "serve.py"), str(out), "--iteration", "1,3", "--port", str(port)]
+    command += ["serve.max_tokens=8", "serve.max_body_kb=16", "generation.max_model_len=48"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"SPIN_SERVE_API_KEY": KEY}
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with log.open("w") as sink:  # a pipe nobody reads would fill and block it
+        proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
     deadline = time.monotonic() + 600
     while True:  # each model's engine loads in its own replica
@@ -49,11 +58,14 @@ def server(ray_session, toy_run, toy):
                 break
         except openai.APIError:
             pass
-        assert time.monotonic() < deadline, "the endpoint did not come up in 10 minutes"
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(2)
+    listener = next(c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port)
+    assert "spin-gateway" in " ".join(psutil.Process(listener).cmdline()), "serve.port is not the gateway's own"
     questions = [r["messages"][0]["content"] for r in read_jsonl(toy.eval_path)[:200]]
     yield url, client, models, questions
-    serve.shutdown()
+    proc.send_signal(signal.SIGTERM)  # it shuts Serve and its Ray down
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
 
 
 def test_greedy_chat_equals_hf_greedy_and_iterations_differ(server):
@@ -154,9 +166,12 @@ def test_live_endpoint_answers_from_the_weights_of_each_swap(toy_run, toy):
 
 def test_cli_refuses_what_it_cannot_serve_before_starting_anything(tmp_path, toy_run):
     out = toy_run[0]
-    for args, message in (
-        ([str(tmp_path)], "neither a HF model or adapter dir"),
-        ([str(out), "--iteration", "9"], "[1, 2, 3]"),
+    cluster = os.environ | {"RAY_ADDRESS": "127.0.0.1:1"}  # nothing there: refused before any connection
+    for args, env, message in (
+        ([str(tmp_path)], None, "neither a HF model or adapter dir"),
+        ([str(out), "--iteration", "1,9"], None, "[1, 2, 3]"),
+        ([str(out), "serve.direct_ingress=true"], cluster, "only on a Ray this script starts"),
     ):
-        proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), *args], capture_output=True, text=True)
+        command = [sys.executable, str(ROOT / "jobs" / "serve.py"), *args]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

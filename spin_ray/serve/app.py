@@ -2,7 +2,9 @@
 
 Each served checkpoint is a Ray Serve LLM deployment (vLLM's async engine, `spin-iter-<t>`), so
 streaming, chat templates and sampling are vLLM's own; in front of them sits our gateway
-(spin_ray.serve.gateway).
+(spin_ray.serve.gateway), reached through Serve's HTTP proxy or, with serve.direct_ingress, on
+its own port (client -> gateway -> Serve LLM replica -> engine, as many processes as `vllm serve`
+plus one).
 
 With `serve.live=true` the same ingress answers during a SPIN job from the job's own engines
 (model `spin-live`; each answer is named after the iteration whose weights gave it, e.g.
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from spin_ray.card import summary
+from spin_ray.cluster import free_port
 from spin_ray.config import Config, ConfigError, load_config
 from spin_ray.engines.client import Engines
 from spin_ray.engines.engine import engine_env, engine_kwargs
@@ -67,7 +70,7 @@ def build(args: dict) -> Any:
 
 
 def checkpoints(path: str | Path, iteration: str = "latest", merged: bool = False) -> dict[str, Path]:
-    """{model name: HF dir or LoRA adapter dir}: `iteration` = N, `latest` or `all` of a run dir
+    """{model name: HF dir or LoRA adapter dir}: `iteration` = N, N,M,..., `latest` or `all` of a run dir
     (a LoRA run's `merged` checkpoints instead of its adapters), or one plain HF or adapter dir."""
     path = Path(path)
     if (path / "config.json").exists() or is_adapter(path):
@@ -80,10 +83,12 @@ def checkpoints(path: str | Path, iteration: str = "latest", merged: bool = Fals
         chosen = done
     elif iteration == "latest":
         chosen = done[-1:]
-    elif iteration.isdigit() and int(iteration) in done:
-        chosen = [int(iteration)]
+    elif all(t.isdigit() and int(t) in done for t in iteration.split(",")):
+        chosen = sorted({int(t) for t in iteration.split(",")})
     else:
-        raise ValueError(f"--iteration {iteration!r}: finished iterations in {path} are {done} (or latest, all)")
+        raise ValueError(
+            f"--iteration {iteration!r}: finished iterations in {path} are {done} (one, a list like 1,3, latest or all)"
+        )
     if merged:
         missing = [t for t in chosen if not run.model(t).with_name("merged").is_dir()]
         if missing:
@@ -129,8 +134,9 @@ def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int, adap
 
 
 def serve_models(models: dict[str, Path], cfg: Config, max_model_len: int, api_key: str | None) -> str:
-    """Deploys every model behind one gateway on cfg.serve.host:port; returns the base URL."""
-    return _run(cfg, application(models, cfg, max_model_len, api_key), "spin")
+    """Deploys every model behind one gateway on cfg.serve.host:port; returns the base URL. With
+    serve.direct_ingress, Ray must have started with direct_ingress_env(cfg)."""
+    return _run(cfg, application(models, cfg, max_model_len, api_key), "spin", bool(cfg.serve.direct_ingress))
 
 
 def application(models: dict[str, Path], cfg: Config, max_model_len: int, api_key: str | None) -> Any:
@@ -209,9 +215,28 @@ def _limits(cfg: Config) -> dict[str, int]:
     }
 
 
-def _run(cfg: Config, app: Any, name: str) -> str:
+def direct_ingress_env(cfg: Config) -> dict[str, str]:
+    """serve.direct_ingress: the variables of Ray Serve's throughput-optimized mode, which every
+    process of Serve reads when it starts (so they are set before Ray starts). The gateway is the
+    only ingress, so its direct-ingress range is serve.port alone. Serve holds a released port
+    back, and a stopping ingress open, for a load balancer in front to notice (HAProxy's; none
+    here): that would keep a restarted gateway off serve.port for minutes, and make every stop
+    take 35 s."""
+    port = cfg.serve.port
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # requests in flight are still finished
+    }
+
+
+def _run(cfg: Config, app: Any, name: str, direct: bool = False) -> str:
     from ray import serve
 
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    # Direct ingress still starts Serve's proxy on the head, with http_options' port: not serve.port.
+    port = free_port() if direct else cfg.serve.port
+    serve.start(http_options={"host": cfg.serve.host, "port": port})
     serve.run(app, name=name, route_prefix="/", blocking=False)
     return f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
