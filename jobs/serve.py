@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
 
     import ray
 
-    from spin_ray.cluster import join_or_start, ray_address
+    from spin_ray.cluster import in_use, join_or_start, ray_address
     from spin_ray.serve.app import direct_ingress_env, serve_models
     from spin_ray.serve.gateway import check_exposure
 
@@ -64,6 +64,9 @@ def main(argv: list[str]) -> int:
         return 2
     if cfg.serve.direct_ingress is None:  # the default: no proxy hop on a Ray of our own
         cfg.serve.direct_ingress = not joins
+    if not joins and in_use(cfg.serve.port, cfg.serve.host):
+        print(f"error: port {cfg.serve.port} on {cfg.serve.host} is in use: pick another with --port", file=sys.stderr)
+        return 2
     if cfg.serve.direct_ingress:
         os.environ.update(direct_ingress_env(cfg))
     if not ray.is_initialized():

@@ -65,13 +65,19 @@ def free_port() -> int:
     low = max(low, RAY_WORKER_PORTS.stop + 1000)  # a range that low would be ephemeral anyway
     for _ in range(1000):
         port = random.randrange(RAY_WORKER_PORTS.stop, low)
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-            except OSError:  # in use
-                continue
-        return port
+        if not in_use(port):
+            return port
     raise RuntimeError(f"no free TCP port in {RAY_WORKER_PORTS.stop}-{low - 1}")
+
+
+def in_use(port: int, host: str = "") -> bool:
+    """Whether a server could not bind `port` on `host` now."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def free_address() -> tuple[str, int]:

@@ -80,4 +80,5 @@ def spin_metrics(
         "logps/generated": policy_generated_logps.detach().mean().item(),
         "lengths/real": lengths[0].float().mean().item(),
         "lengths/generated": lengths[1].float().mean().item(),
+        "pairs": float(len(losses)),  # the weight of these means where batches are averaged
     }

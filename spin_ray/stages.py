@@ -48,7 +48,8 @@ class Trained:
 
     def metrics(self) -> dict[str, float]:
         keys = [k for k in (self.logs[0] if self.logs else {}) if "/" in k or k == "loss"]
-        means = {f"train/{k}": float(np.mean([line[k] for line in self.logs])) for k in keys}
+        weights = [line.get("pairs", 1.0) for line in self.logs]
+        means = {f"train/{k}": float(np.average([line[k] for line in self.logs], weights=weights)) for k in keys}
         means |= {f"train/{k}": v for k, v in distinct_only(self.logs).items()}
         if self.logprob_mismatch:
             means |= dict(zip(("gen/logprob_mismatch", "gen/logprob_mismatch_max"), self.logprob_mismatch, strict=True))
@@ -56,13 +57,18 @@ class Trained:
 
 
 def distinct_only(means: list[dict[str, float]]) -> dict[str, float]:
-    """spin_ray.loss.spin_metrics's `*_distinct` figures of equal-sized batches as means over
-    their distinct pairs only (y' != y); NaN when every pair was identical. {} for the SFT arm."""
+    """spin_ray.loss.spin_metrics's `*_distinct` figures of batches (of `pairs` pairs each) as
+    means over their distinct pairs only (y' != y); NaN when every pair was identical. {} for the
+    SFT arm."""
     if not means or "pairs/identical" not in means[0]:
         return {}
-    distinct = sum(1 - m["pairs/identical"] for m in means)
+    weights = [m.get("pairs", 1.0) for m in means]
+    distinct = sum(w * (1 - m["pairs/identical"]) for w, m in zip(weights, means, strict=True))
     keys = [k for k in means[0] if k.endswith("_distinct")]
-    return {k: sum(m[k] for m in means) / distinct if distinct > 1e-9 else float("nan") for k in keys}
+    return {
+        k: sum(w * m[k] for w, m in zip(weights, means, strict=True)) / distinct if distinct > 1e-9 else float("nan")
+        for k in keys
+    }
 
 
 @dataclass(frozen=True)

@@ -92,3 +92,16 @@ def test_distinct_pair_metrics_count_identical_pairs_as_neither_right_nor_wrong(
     assert both == {"rewards/margins_distinct": 2 / 5, "rewards/accuracies_distinct": 3 / 5}
     assert distinct_only([batch([0.0] * 4, [0.0] * 4, [True] * 4)])["rewards/accuracies_distinct"] != 0.0  # NaN
     assert distinct_only([{"loss": 1.0}]) == {}  # the SFT arm
+
+
+def test_iteration_means_weigh_each_logged_line_by_its_pairs():
+    """An iteration's 48 pairs logged as a line of 32 and one of 16: means over the pairs, not the lines."""
+    from spin_ray.stages import Trained, distinct_only
+
+    lines = [
+        {"loss": 1.0, "pairs/identical": 0.5, "rewards/accuracies_distinct": 0.25, "pairs": 32.0},  # 8 of 16 right
+        {"loss": 4.0, "pairs/identical": 0.0, "rewards/accuracies_distinct": 1.0, "pairs": 16.0},  # 16 of 16 right
+    ]
+    metrics = Trained(lines, seconds=1.0, steps=2, pid=0).metrics()
+    assert metrics["train/loss"] == 2.0 and metrics["train/pairs/identical"] == 1 / 3
+    assert metrics["train/rewards/accuracies_distinct"] == distinct_only(lines)["rewards/accuracies_distinct"] == 0.75

@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,22 +51,26 @@ def server(toy_run, toy, tmp_path_factory):
         proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
-    deadline = time.monotonic() + 600
-    while True:  # each model's engine loads in its own replica
-        try:
-            if {m.id for m in client.models.list()} == set(SERVED):
-                client.chat.completions.create(model=SERVED[0], messages=[{"role": "user", "content": "1+1="}])
-                break
-        except openai.APIError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(2)
-    listener = next(c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port)
-    assert "spin-gateway" in " ".join(psutil.Process(listener).cmdline()), "serve.port is not the gateway's own"
-    questions = [r["messages"][0]["content"] for r in read_jsonl(toy.eval_path)[:200]]
-    yield url, client, models, questions
-    proc.send_signal(signal.SIGTERM)  # it shuts Serve and its Ray down
-    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # each model's engine loads in its own replica
+            try:
+                if {m.id for m in client.models.list()} == set(SERVED):
+                    client.chat.completions.create(model=SERVED[0], messages=[{"role": "user", "content": "1+1="}])
+                    break
+            except openai.APIError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(2)
+        listening = [c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+        assert listening and "spin-gateway" in " ".join(psutil.Process(listening[0]).cmdline()), "not the gateway's"
+        questions = [r["messages"][0]["content"] for r in read_jsonl(toy.eval_path)[:200]]
+        yield url, client, models, questions
+        proc.send_signal(signal.SIGTERM)  # it shuts Serve and its Ray down
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:  # failed before its clean stop: its whole session, by our own PID
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_greedy_chat_equals_hf_greedy_and_iterations_differ(server):
@@ -167,11 +172,14 @@ def test_live_endpoint_answers_from_the_weights_of_each_swap(toy_run, toy):
 def test_cli_refuses_what_it_cannot_serve_before_starting_anything(tmp_path, toy_run):
     out = toy_run[0]
     cluster = os.environ | {"RAY_ADDRESS": "127.0.0.1:1"}  # nothing there: refused before any connection
-    for args, env, message in (
-        ([str(tmp_path)], None, "neither a HF model or adapter dir"),
-        ([str(out), "--iteration", "1,9"], None, "[1, 2, 3]"),
-        ([str(out), "serve.direct_ingress=true"], cluster, "only on a Ray this script starts"),
-    ):
-        command = [sys.executable, str(ROOT / "jobs" / "serve.py"), *args]
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    local = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with socket.create_server(("127.0.0.1", free_port())) as taken:
+        for args, env, message in (
+            ([str(tmp_path)], local, "neither a HF model or adapter dir"),
+            ([str(out), "--iteration", "1,9"], local, "[1, 2, 3]"),
+            ([str(out), "serve.direct_ingress=true"], cluster, "only on a Ray this script starts"),
+            ([str(out), "--port", str(taken.getsockname()[1])], local, "is in use: pick another with --port"),
+        ):
+            command = [sys.executable, str(ROOT / "jobs" / "serve.py"), *args]
+            proc = subprocess.run(command, capture_output=True, text=True, env=env)
+            assert proc.returncode == 2 and message in proc.stderr, proc.stderr

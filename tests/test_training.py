@@ -101,6 +101,7 @@ def test_sft_arm_exact_nll_and_the_same_steps(ray_session, toy, pairs, tmp_path)
             "lr",
             "loss",
             "logps/real",
+            "pairs",
         }
         assert result.logs[0]["loss"] == pytest.approx(np.mean(nll), abs=1e-6)
         assert result.logs[0]["logps/real"] == pytest.approx(real.mean(), abs=1e-5)

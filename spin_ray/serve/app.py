@@ -218,10 +218,11 @@ def _limits(cfg: Config) -> dict[str, int]:
 def direct_ingress_env(cfg: Config) -> dict[str, str]:
     """serve.direct_ingress: the variables of Ray Serve's throughput-optimized mode, which every
     process of Serve reads when it starts (so they are set before Ray starts). The gateway is the
-    only ingress, so its direct-ingress range is serve.port alone. Serve holds a released port
-    back, and a stopping ingress open, for a load balancer in front to notice (HAProxy's; none
-    here): that would keep a restarted gateway off serve.port for minutes, and make every stop
-    take 35 s."""
+    only ingress, so its direct-ingress range is serve.port alone; Serve never retries a port it
+    once failed to bind, so jobs/serve.py checks that it is free first. Serve holds a released
+    port back, and a stopping ingress open, for a load balancer in front to notice (HAProxy's;
+    none here): that would keep a restarted gateway off serve.port for minutes, and make every
+    stop take 35 s."""
     port = cfg.serve.port
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -236,7 +237,9 @@ def _run(cfg: Config, app: Any, name: str, direct: bool = False) -> str:
     from ray import serve
 
     # Direct ingress still starts Serve's proxy on the head, with http_options' port: not serve.port.
-    port = free_port() if direct else cfg.serve.port
+    port = cfg.serve.port
+    while direct and port == cfg.serve.port:
+        port = free_port()
     serve.start(http_options={"host": cfg.serve.host, "port": port})
     serve.run(app, name=name, route_prefix="/", blocking=False)
     return f"http://{cfg.serve.host}:{cfg.serve.port}/v1"

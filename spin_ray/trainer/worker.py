@@ -188,14 +188,16 @@ class SpinWorker:
         loss = sft_loss(logps, batch["response_mask"][:, 1:].sum(-1))
         self.engine.backward(loss)
         self.engine.step()
-        return {"loss": loss.item(), "logps/real": logps.detach().mean().item()}
+        return {"loss": loss.item(), "logps/real": logps.detach().mean().item(), "pairs": float(len(logps))}
 
     def _mean_over_ranks(self, metrics: list[dict[str, float]]) -> dict[str, float]:
-        keys = sorted(metrics[0])
-        # On the engine's device: NCCL reduces only GPU tensors.
-        local = torch.tensor([[m[k] for k in keys] for m in metrics], device=self.engine.device).mean(0)
-        torch.distributed.all_reduce(local)
-        return dict(zip(keys, (local / self.world_size).tolist(), strict=True))
+        """The batches' means as one mean over all their pairs, every rank's (the last batch of an
+        iteration is smaller); `pairs` is how many."""
+        keys = sorted(k for k in metrics[0] if k != "pairs")
+        rows = [[m[k] * m["pairs"] for k in keys] + [m["pairs"]] for m in metrics]
+        total = torch.tensor(rows, device=self.engine.device).sum(0)  # on it: NCCL reduces only GPU tensors
+        torch.distributed.all_reduce(total)
+        return dict(zip(keys, (total[:-1] / total[-1]).tolist(), strict=True)) | {"pairs": total[-1].item()}
 
     def train(self, iteration: int, rows_per_rank: int) -> Trained:
         """Trains p_t from p_{t-1} on the batches fed to this rank (train.epochs passes over its
