@@ -127,7 +127,7 @@ def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> Iterator
     from ray import serve
 
     from spin_ray.config import load_config
-    from spin_ray.serve.app import direct_ingress_env, serve_models
+    from spin_ray.serve.app import choose_ingress, serve_models
 
     cfg = load_config(
         None,
@@ -140,8 +140,7 @@ def spin_serve(model_dir: Path, name: str, args: argparse.Namespace) -> Iterator
             "generation.num_cpus=1",
         ],
     )
-    if cfg.serve.direct_ingress:  # as jobs/serve.py sets them: before Ray starts Serve's processes
-        os.environ |= direct_ingress_env(cfg)
+    choose_ingress(cfg, joins=False)  # as jobs/serve.py does, before Ray starts Serve's processes
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield warmed(serve_models({name: model_dir}, cfg, MAX_MODEL_LEN, api_key=None), name, args)

@@ -43,35 +43,18 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import ray
-
-    from spin_ray.cluster import in_use, join_or_start, ray_address
-    from spin_ray.serve.app import direct_ingress_env, serve_models
+    from spin_ray.cluster import join_or_start, ray_address
+    from spin_ray.serve.app import choose_ingress, serve_models
     from spin_ray.serve.gateway import check_exposure
 
     try:
         check_exposure(cfg.serve.host, os.environ.get(cfg.serve.api_key_env), cfg.serve.api_key_env)
+        choose_ingress(cfg, joins=bool(ray_address(cfg)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    joins = ray.is_initialized() or bool(ray_address(cfg))
-    if cfg.serve.direct_ingress and joins:
-        print(
-            "error: serve.direct_ingress=true needs Serve's variables in every process of the cluster, so it is set "
-            "only on a Ray this script starts; on a cluster, leave it unset (see docs/serving.md)",
-            file=sys.stderr,
-        )
-        return 2
-    if cfg.serve.direct_ingress is None:  # the default: no proxy hop on a Ray of our own
-        cfg.serve.direct_ingress = not joins
-    if not joins and in_use(cfg.serve.port, cfg.serve.host):
-        print(f"error: port {cfg.serve.port} on {cfg.serve.host} is in use: pick another with --port", file=sys.stderr)
-        return 2
-    if cfg.serve.direct_ingress:
-        os.environ.update(direct_ingress_env(cfg))
-    if not ray.is_initialized():
-        # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
-        join_or_start(cfg, max(os.cpu_count() or 1, 2 * len(models) + 2))
+    # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
+    join_or_start(cfg, max(os.cpu_count() or 1, 2 * len(models) + 2))
     # From here on (after ray.init, which sets its own), so that a SIGTERM during start-up also
     # shuts Serve down: on a cluster, Serve outlives this process otherwise.
     stop = []

@@ -62,13 +62,10 @@ def distinct_only(means: list[dict[str, float]]) -> dict[str, float]:
     SFT arm."""
     if not means or "pairs/identical" not in means[0]:
         return {}
-    weights = [m.get("pairs", 1.0) for m in means]
-    distinct = sum(w * (1 - m["pairs/identical"]) for w, m in zip(weights, means, strict=True))
+    weights = np.array([m.get("pairs", 1.0) for m in means])
+    distinct = weights @ [1 - m["pairs/identical"] for m in means]
     keys = [k for k in means[0] if k.endswith("_distinct")]
-    return {
-        k: sum(w * m[k] for w, m in zip(weights, means, strict=True)) / distinct if distinct > 1e-9 else float("nan")
-        for k in keys
-    }
+    return {k: float(weights @ [m[k] for m in means] / distinct) if distinct > 1e-9 else float("nan") for k in keys}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from spin_ray.card import summary
-from spin_ray.cluster import free_port
+from spin_ray.cluster import free_port, in_use
 from spin_ray.config import Config, ConfigError, load_config
 from spin_ray.engines.client import Engines
 from spin_ray.engines.engine import engine_env, engine_kwargs
@@ -135,7 +135,7 @@ def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int, adap
 
 def serve_models(models: dict[str, Path], cfg: Config, max_model_len: int, api_key: str | None) -> str:
     """Deploys every model behind one gateway on cfg.serve.host:port; returns the base URL. With
-    serve.direct_ingress, Ray must have started with direct_ingress_env(cfg)."""
+    serve.direct_ingress, Ray must have started after choose_ingress(cfg, ...)."""
     return _run(cfg, application(models, cfg, max_model_len, api_key), "spin", bool(cfg.serve.direct_ingress))
 
 
@@ -215,22 +215,35 @@ def _limits(cfg: Config) -> dict[str, int]:
     }
 
 
-def direct_ingress_env(cfg: Config) -> dict[str, str]:
-    """serve.direct_ingress: the variables of Ray Serve's throughput-optimized mode, which every
-    process of Serve reads when it starts (so they are set before Ray starts). The gateway is the
-    only ingress, so its direct-ingress range is serve.port alone; Serve never retries a port it
-    once failed to bind, so jobs/serve.py checks that it is free first. Serve holds a released
-    port back, and a stopping ingress open, for a load balancer in front to notice (HAProxy's;
-    none here): that would keep a restarted gateway off serve.port for minutes, and make every
-    stop take 35 s."""
-    port = cfg.serve.port
-    return {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
-        "RAY_SERVE_PORT_QUARANTINE_S": "0",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # requests in flight are still finished
-    }
+def choose_ingress(cfg: Config, joins: bool) -> None:
+    """Settles serve.direct_ingress before Ray starts (unset: direct on a Ray of our own, not when
+    `joins` a cluster) and sets its variables; raises ValueError, before anything starts, where the
+    endpoint could not come up.
+
+    Direct ingress is Ray Serve's throughput-optimized mode, which every process of Serve reads when
+    it starts, hence before Ray starts. The gateway is the only ingress, so its direct-ingress range
+    is serve.port alone; Serve never retries a port it once failed to bind, hence the check here.
+    Serve holds a released port back, and a stopping ingress open, for a load balancer in front to
+    notice (HAProxy's; none here): that would keep a restarted gateway off serve.port for minutes,
+    and make every stop take 35 s."""
+    s = cfg.serve
+    if s.direct_ingress and joins:
+        raise ValueError(
+            "serve.direct_ingress=true needs Serve's variables in every process of the cluster, so it is set "
+            "only on a Ray this script starts; on a cluster, leave it unset (see docs/serving.md)"
+        )
+    if not joins and in_use(s.port, s.host):
+        raise ValueError(f"port {s.port} on {s.host} is in use: pick another with --port")
+    if s.direct_ingress is None:
+        s.direct_ingress = not joins
+    if s.direct_ingress:
+        os.environ |= {
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(s.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(s.port + 1),  # exclusive
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # requests in flight are still finished
+        }
 
 
 def _run(cfg: Config, app: Any, name: str, direct: bool = False) -> str:
