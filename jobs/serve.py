@@ -17,10 +17,17 @@ Runs until interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import signal
 import sys
+import tempfile
+import threading
 import time
+import traceback
+from pathlib import Path
+from typing import TextIO
 
 
 def main(argv: list[str]) -> int:
@@ -53,30 +60,87 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
-    join_or_start(cfg, max(os.cpu_count() or 1, 2 * len(models) + 2))
-    # From here on (after ray.init, which sets its own), so that a SIGTERM during start-up also
-    # shuts Serve down: on a cluster, Serve outlives this process otherwise.
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    api_key = os.environ.get(cfg.serve.api_key_env)
-    url = serve_models(models, cfg, length, api_key)
-    env = f"${cfg.serve.api_key_env}"
-    print(
-        f"serving {', '.join(models)} at {url}; key: {'required, from ' + env if api_key else 'none (set ' + env + ')'}"
-    )
-    key = f'-H "Authorization: Bearer {env}" ' if api_key else ""
-    body = f'{{"model": "{next(iter(models))}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
-    print(f"  try: curl {url}/chat/completions -H 'Content-Type: application/json' {key}-d '{body}'")
+    console, log = console_to_log(Path(args.path))
+    say = functools.partial(print, file=console, flush=True)
+    where = f"the cluster at {ray_address(cfg)}" if ray_address(cfg) else "a local Ray"
+    say(f"starting {', '.join(models)} on {where}; the libraries' output: {log}")
+    code, stop, loading = 0, [], threading.Event()
     try:
+        # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
+        join_or_start(cfg, max(os.cpu_count() or 1, 2 * len(models) + 2))
+        # After ray.init, which sets its own, so that a SIGTERM during start-up also shuts Serve
+        # down: on a cluster, Serve outlives this process otherwise.
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        tick = time.monotonic()
+        threading.Thread(target=say_progress, args=(loading, tick, say), daemon=True).start()
+        api_key = os.environ.get(cfg.serve.api_key_env)
+        url = serve_models(models, cfg, length, api_key)
+        loading.set()
+        env = f"${cfg.serve.api_key_env}"
+        key = f"required, from {env}" if api_key else f"none (set {env})"
+        say(f"serving {', '.join(models)} at {url} (up in {time.monotonic() - tick:.0f} s); key: {key}")
+        auth = f'-H "Authorization: Bearer {env}" ' if api_key else ""
+        body = f'{{"model": "{next(iter(models))}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+        say(f"  try: curl {url}/chat/completions -H 'Content-Type: application/json' {auth}-d '{body}'")
         while not stop:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
+    except Exception as e:  # noqa: BLE001 - said on the console, its traceback in the log
+        traceback.print_exc()
+        say(f"error: {type(e).__name__}: {chr(10).join(str(e).splitlines()[:3])}")
+        for name, cause in deployment_errors():
+            print(f"{name}: {cause}", flush=True)  # whole, into the log
+            say(f"  {name}: {cause.strip().splitlines()[-1]}")
+        say(f"  (whole: {log})")
+        code = 1
+    finally:
+        loading.set()
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            say("stopping: Serve shuts down")
+            serve.shutdown()
+    return code
+
+
+def console_to_log(path: Path) -> tuple[TextIO, Path]:
+    """(the terminal, for this script's own lines; the log the libraries' output goes to): the
+    run's logs/serve.log, or a temp file for a model dir or a run dir this user cannot write."""
+    from spin_ray.logs import console_to
+
+    if (path / "config.yaml").exists():
+        with contextlib.suppress(OSError):
+            return console_to(path / "logs" / "serve.log"), path / "logs" / "serve.log"
+    temp = Path(tempfile.gettempdir()) / "spin-ray" / f"serve-{os.getpid()}.log"
+    return console_to(temp), temp
+
+
+def deployment_errors() -> list[tuple[str, str]]:
+    """(deployment, Serve's message) of each deployment of the app that is not up: a replica's
+    start-up error lives in Ray's session logs otherwise, far from this script's."""
     from ray import serve
 
-    serve.shutdown()
-    return 0
+    try:
+        deployments = serve.status().applications["spin"].deployments
+    except Exception:  # noqa: BLE001 - nothing more to say than the error itself
+        return []
+    return [(name, d.message) for name, d in deployments.items() if d.status != "HEALTHY" and d.message]
+
+
+def say_progress(loaded: threading.Event, tick: float, say) -> None:
+    """Every 30 s until `loaded`: how many of the app's deployments (gateway, one per model) are up."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    while not loaded.wait(30):
+        try:
+            deployments = serve.status().applications["spin"].deployments
+        except (KeyError, RayServeException):  # not deployed yet
+            continue
+        up = sum(d.status == "HEALTHY" for d in deployments.values())
+        say(f"  {up}/{len(deployments)} deployments up after {time.monotonic() - tick:.0f} s (engines loading)")
 
 
 if __name__ == "__main__":

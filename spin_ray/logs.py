@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 LOG_DIR_ENV = "SPIN_RAY_LOG_DIR"
 
@@ -22,13 +23,24 @@ def capture_output() -> None:
     At the file-descriptor level, so C++ warnings (vLLM, DeepSpeed op builds, Ray core) land there too.
     A node that cannot write there (no shared storage) keeps Ray's own per-worker log files."""
     log_dir = os.environ.get(LOG_DIR_ENV)
-    if not log_dir:
-        return
-    try:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        fd = os.open(Path(log_dir) / f"worker-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    except OSError:
-        return
+    if log_dir:
+        with contextlib.suppress(OSError):
+            _output_to(Path(log_dir) / f"worker-{os.getpid()}.log")
+
+
+def console_to(path: Path) -> TextIO:
+    """For the scripts beside the job (serving): from here on what the libraries print (Serve's
+    deployment dumps, vLLM's and Ray's logs, C++ warnings) goes to `path`; returns a stream to
+    the terminal for the script's own lines. Raises OSError if `path` cannot be written."""
+    console = os.fdopen(os.dup(1), "w", buffering=1)
+    _output_to(path)
+    return console
+
+
+def _output_to(path: Path) -> None:
+    """Points this process's stdout and stderr at `path`, at the file-descriptor level."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)

@@ -51,6 +51,12 @@ def server(toy_run, toy, tmp_path_factory):
         proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
+    library = out / "logs" / "serve.log"
+
+    def said() -> str:
+        libraries = library.read_text()[-3000:] if library.exists() else ""
+        return f"{log.read_text()[-2000:]}\n--- logs/serve.log:\n{libraries}"
+
     try:
         deadline = time.monotonic() + 600
         while True:  # each model's engine loads in its own replica
@@ -60,14 +66,20 @@ def server(toy_run, toy, tmp_path_factory):
                     break
             except openai.APIError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            assert proc.poll() is None and time.monotonic() < deadline, said()
             time.sleep(2)
         listening = [c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
         assert listening and "spin-gateway" in " ".join(psutil.Process(listening[0]).cmdline()), "not the gateway's"
         questions = [r["messages"][0]["content"] for r in read_jsonl(toy.eval_path)[:200]]
         yield url, client, models, questions
         proc.send_signal(signal.SIGTERM)  # it shuts Serve and its Ray down
-        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert proc.wait(timeout=120) == 0, said()
+        # The console: the script's own lines; Serve's deployment dumps and its proxy's port in the run's log.
+        console = log.read_text().splitlines()
+        assert console[0] == f"starting spin-iter-1, spin-iter-3 on a local Ray; the libraries' output: {library}"
+        assert any(line.startswith(f"serving spin-iter-1, spin-iter-3 at {url} (up in ") for line in console)
+        assert console[-1] == "stopping: Serve shuts down" and len(console) < 30, console
+        assert "Deployment Options" in library.read_text()
     finally:
         if proc.poll() is None:  # failed before its clean stop: its whole session, by our own PID
             os.killpg(proc.pid, signal.SIGKILL)
