@@ -11,6 +11,7 @@ Prints a table and appends the scores as JSON lines to --out (default RUN_DIR/lm
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -70,12 +71,17 @@ def main(argv: list[str]) -> int:
 
     from spin_ray.cluster import join_or_start, local_cpus
     from spin_ray.engines.client import Engines
+    from spin_ray.logs import console_to_log, error_line
     from spin_ray.loop.harness import EngineLM, lm_eval_metrics
 
-    join_or_start(cfg, local_cpus(cfg))
-    engines = Engines(cfg, first, length)
+    console, log = console_to_log(path, "evaluate")
+    say = functools.partial(print, file=console, flush=True)
+    say(f"scoring {', '.join(models)} on {', '.join(cfg.eval.lm_eval.tasks)}; the libraries' output: {log}")
     out = Path(args.out) if args.out else (path / "lm_eval.jsonl" if stored.exists() else None)
+    engines = None
     try:
+        join_or_start(cfg, local_cpus(cfg))
+        engines = Engines(cfg, first, length)
         engines.wait_ready()
         tokenizer = AutoTokenizer.from_pretrained(split(first)[0])
         model = EngineLM(engines, tokenizer, cfg.generation, length, cfg.eval.lm_eval.batch_size)
@@ -85,12 +91,18 @@ def main(argv: list[str]) -> int:
                 engines.set_weights(str(model_dir))
                 engines.reload()
             scores = lm_eval_metrics(model, cfg.eval.lm_eval, tasks, cfg.run.seed)
-            print(f"{name:<10}" + "  ".join(f"{k.removeprefix('eval/lm_eval/')} {v:.4f}" for k, v in scores.items()))
+            say(f"{name:<10}" + "  ".join(f"{k.removeprefix('eval/lm_eval/')} {v:.4f}" for k, v in scores.items()))
             if out is not None:
                 with open(out, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"model": name, "path": str(model_dir), "time": time.time(), **scores}) + "\n")
+    except Exception as e:  # noqa: BLE001 - said on the console, its traceback in the log
+        say(f"{error_line(e)}\n  (whole: {log})")
+        return 1
     finally:
-        engines.shutdown()
+        if engines is not None:
+            engines.shutdown()
+    if out is not None:
+        say(f"scores appended to {out}")
     return 0
 
 

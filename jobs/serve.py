@@ -17,17 +17,13 @@ Runs until interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
-from typing import TextIO
 
 
 def main(argv: list[str]) -> int:
@@ -51,6 +47,7 @@ def main(argv: list[str]) -> int:
         return 2
 
     from spin_ray.cluster import join_or_start, ray_address
+    from spin_ray.logs import console_to_log, error_line
     from spin_ray.serve.app import choose_ingress, serve_models
     from spin_ray.serve.gateway import check_exposure
 
@@ -60,7 +57,7 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    console, log = console_to_log(Path(args.path))
+    console, log = console_to_log(Path(args.path), "serve")
     say = functools.partial(print, file=console, flush=True)
     where = f"the cluster at {ray_address(cfg)}" if ray_address(cfg) else "a local Ray"
     say(f"starting {', '.join(models)} on {where}; the libraries' output: {log}")
@@ -87,8 +84,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         pass
     except Exception as e:  # noqa: BLE001 - said on the console, its traceback in the log
-        traceback.print_exc()
-        say(f"error: {type(e).__name__}: {chr(10).join(str(e).splitlines()[:3])}")
+        say(error_line(e))
         for name, cause in deployment_errors():
             print(f"{name}: {cause}", flush=True)  # whole, into the log
             say(f"  {name}: {cause.strip().splitlines()[-1]}")
@@ -103,18 +99,6 @@ def main(argv: list[str]) -> int:
             say("stopping: Serve shuts down")
             serve.shutdown()
     return code
-
-
-def console_to_log(path: Path) -> tuple[TextIO, Path]:
-    """(the terminal, for this script's own lines; the log the libraries' output goes to): the
-    run's logs/serve.log, or a temp file for a model dir or a run dir this user cannot write."""
-    from spin_ray.logs import console_to
-
-    if (path / "config.yaml").exists():
-        with contextlib.suppress(OSError):
-            return console_to(path / "logs" / "serve.log"), path / "logs" / "serve.log"
-    temp = Path(tempfile.gettempdir()) / "spin-ray" / f"serve-{os.getpid()}.log"
-    return console_to(temp), temp
 
 
 def deployment_errors() -> list[tuple[str, str]]:

@@ -300,7 +300,8 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     *parents, leaf = key.strip().split(".")
     node = tree
     for part in parents:
-        node = node.setdefault(part, {})
+        node[part] = {} if node.get(part) is None else node[part]  # `null`: an optional section left empty
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
     node[leaf] = yaml.safe_load(raw) if raw.strip() else None
@@ -309,9 +310,8 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- overrides, validated; raises ConfigError naming every bad key."""
     tree: dict[str, Any] = {}
-    source = "defaults"
+    source = "defaults" if path is None else str(path)
     if path is not None:
-        source = str(path)
         try:
             tree = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:

@@ -11,6 +11,8 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import TextIO
 
@@ -28,13 +30,25 @@ def capture_output() -> None:
             _output_to(Path(log_dir) / f"worker-{os.getpid()}.log")
 
 
-def console_to(path: Path) -> TextIO:
-    """For the scripts beside the job (serving): from here on what the libraries print (Serve's
-    deployment dumps, vLLM's and Ray's logs, C++ warnings) goes to `path`; returns a stream to
-    the terminal for the script's own lines. Raises OSError if `path` cannot be written."""
+def console_to_log(path: Path, name: str) -> tuple[TextIO, Path]:
+    """For the scripts beside the job (serving, evaluation), given the run or model dir they read:
+    from here on what the libraries print (Serve's deployment dumps, Ray Data's progress, vLLM,
+    C++ warnings) goes to a run dir's logs/<name>.log (a temp file for a model dir, or a run dir
+    this user cannot write). Returns (a stream to the terminal for the script's own lines, the log)."""
     console = os.fdopen(os.dup(1), "w", buffering=1)
-    _output_to(path)
-    return console
+    if (path / "config.yaml").exists():
+        with contextlib.suppress(OSError):
+            _output_to(path / "logs" / f"{name}.log")
+            return console, path / "logs" / f"{name}.log"
+    temp = Path(tempfile.gettempdir()) / "spin-ray" / f"{name}-{os.getpid()}.log"
+    _output_to(temp)
+    return console, temp
+
+
+def error_line(e: BaseException) -> str:
+    """A script's console line for an error it did not expect; the traceback goes to the log."""
+    traceback.print_exc()
+    return f"error: {type(e).__name__}: " + "\n".join(str(e).splitlines()[:3])
 
 
 def _output_to(path: Path) -> None:

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spin_ray.config import Config, ConfigError, load_config, reference_markdown
 
@@ -14,6 +15,15 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert cfg.generation.num_engines == 4 and cfg.data.eval_path is None and cfg.run.seed == 7
     assert cfg.spin.beta == 0.1 and cfg.spin.mix_previous == 1  # paper defaults
     assert Config.model_validate(load_config(None).model_dump()) == Config()
+
+
+def test_an_override_fills_a_section_a_stored_config_left_null(tmp_path):
+    """jobs/evaluate.py on a run trained without lm-eval: its config.yaml has `lm_eval: null`."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(Config().model_dump(mode="json")))
+    assert "lm_eval: null" in path.read_text()
+    cfg = load_config(path, ["eval.lm_eval.tasks=[arc_easy]", "eval.lm_eval.limit=5"])
+    assert cfg.eval.lm_eval is not None and cfg.eval.lm_eval.tasks == ["arc_easy"] and cfg.eval.lm_eval.limit == 5
 
 
 @pytest.mark.parametrize(

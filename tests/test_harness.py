@@ -87,7 +87,13 @@ def test_evaluate_script_scores_a_model_dir(ray_session, toy, harness, tmp_path)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "evaluate.py"), *args], capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout.splitlines()
+    log = Path(console[0].rpartition("the libraries' output: ")[2])  # a temp file: a model dir is not a run's
+    assert proc.returncode == 0, proc.stdout + proc.stderr + log.read_text()[-3000:]
+    assert console[0].startswith("scoring model on spin_toy_addition;") and log.parent.name == "spin-ray"
+    assert console[1].startswith("model     spin_toy_addition/exact_match ")
+    assert console[2:] == [f"scores appended to {out}"]
+    assert "Starting execution of Dataset" in log.read_text()  # the libraries' output
     lm, _, _ = harness
     cfg = LmEvalConfig(tasks=["spin_toy_addition"], limit=LIMIT, include_path=str(tasks), chat_template=True)
     want = lm_eval_metrics(lm, cfg, TaskManager(include_path=str(tasks)), seed=0)
