@@ -95,6 +95,9 @@ def main(argv: list[str]) -> int:
             if out is not None:
                 with open(out, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"model": name, "path": str(model_dir), "time": time.time(), **scores}) + "\n")
+    except KeyboardInterrupt:
+        say("interrupted: the scores so far are on the lines above")
+        return 130
     except Exception as e:  # noqa: BLE001 - said on the console, its traceback in the log
         say(f"{error_line(e)}\n  (whole: {log})")
         return 1

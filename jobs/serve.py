@@ -61,13 +61,13 @@ def main(argv: list[str]) -> int:
     say = functools.partial(print, file=console, flush=True)
     where = f"the cluster at {ray_address(cfg)}" if ray_address(cfg) else "a local Ray"
     say(f"starting {', '.join(models)} on {where}; the libraries' output: {log}")
-    code, stop, loading = 0, [], threading.Event()
+    code, loading = 0, threading.Event()
     try:
         # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
         join_or_start(cfg, max(os.cpu_count() or 1, 2 * len(models) + 2))
-        # After ray.init, which sets its own, so that a SIGTERM during start-up also shuts Serve
-        # down: on a cluster, Serve outlives this process otherwise.
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        # After ray.init, which sets its own: a SIGTERM, during start-up too, stops this script as
+        # Ctrl-C does, through the `finally` that shuts Serve down (on a cluster it outlives us).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         tick = time.monotonic()
         threading.Thread(target=say_progress, args=(loading, tick, say), daemon=True).start()
         api_key = os.environ.get(cfg.serve.api_key_env)
@@ -79,15 +79,16 @@ def main(argv: list[str]) -> int:
         auth = f'-H "Authorization: Bearer {env}" ' if api_key else ""
         body = f'{{"model": "{next(iter(models))}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
         say(f"  try: curl {url}/chat/completions -H 'Content-Type: application/json' {auth}-d '{body}'")
-        while not stop:
+        while True:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     except Exception as e:  # noqa: BLE001 - said on the console, its traceback in the log
         say(error_line(e))
-        for name, cause in deployment_errors():
-            print(f"{name}: {cause}", flush=True)  # whole, into the log
-            say(f"  {name}: {cause.strip().splitlines()[-1]}")
+        for name, d in deployments().items():
+            if d.status != "HEALTHY" and d.message.strip():  # a replica's start-up error, else in Ray's logs only
+                print(f"{name}: {d.message}", flush=True)  # whole, into the log
+                say(f"  {name}: {d.message.strip().splitlines()[-1]}")
         say(f"  (whole: {log})")
         code = 1
     finally:
@@ -101,30 +102,27 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def deployment_errors() -> list[tuple[str, str]]:
-    """(deployment, Serve's message) of each deployment of the app that is not up: a replica's
-    start-up error lives in Ray's session logs otherwise, far from this script's."""
+def deployments() -> dict:
+    """The spin app's deployments (gateway, one per model) by name with Serve's status of each;
+    none before Ray is up (Serve would start a Ray of its own) or the app is deployed."""
+    import ray
     from ray import serve
 
+    if not ray.is_initialized():
+        return {}
     try:
-        deployments = serve.status().applications["spin"].deployments
-    except Exception:  # noqa: BLE001 - nothing more to say than the error itself
-        return []
-    return [(name, d.message) for name, d in deployments.items() if d.status != "HEALTHY" and d.message]
+        return serve.status().applications["spin"].deployments
+    except Exception:  # noqa: BLE001 - not deployed yet, or Serve is going: nothing to say
+        return {}
 
 
 def say_progress(loaded: threading.Event, tick: float, say) -> None:
-    """Every 30 s until `loaded`: how many of the app's deployments (gateway, one per model) are up."""
-    from ray import serve
-    from ray.serve.exceptions import RayServeException
-
+    """Every 30 s until `loaded`: how many of the app's deployments are up."""
     while not loaded.wait(30):
-        try:
-            deployments = serve.status().applications["spin"].deployments
-        except (KeyError, RayServeException):  # not deployed yet
-            continue
-        up = sum(d.status == "HEALTHY" for d in deployments.values())
-        say(f"  {up}/{len(deployments)} deployments up after {time.monotonic() - tick:.0f} s (engines loading)")
+        status = deployments()
+        up = sum(d.status == "HEALTHY" for d in status.values())
+        if status and not loaded.is_set():
+            say(f"  {up}/{len(status)} deployments up after {time.monotonic() - tick:.0f} s (engines loading)")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def console_to_log(path: Path, name: str) -> tuple[TextIO, Path]:
         with contextlib.suppress(OSError):
             _output_to(path / "logs" / f"{name}.log")
             return console, path / "logs" / f"{name}.log"
-    temp = Path(tempfile.gettempdir()) / "spin-ray" / f"{name}-{os.getpid()}.log"
+    temp = Path(tempfile.gettempdir()) / f"spin-ray-{os.getuid()}" / f"{name}-{os.getpid()}.log"  # the user's own
     _output_to(temp)
     return console, temp
 

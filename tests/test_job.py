@@ -289,7 +289,8 @@ def serve_on_the_head(out: Path, env: dict[str, str]) -> None:
         server.send_signal(signal.SIGTERM)  # it shuts Serve down on the head, which lives on
         server.wait(timeout=120)
         log.close()
-    assert server.returncode == 0, Path(log.name).read_text() + (out / "logs" / "serve.log").read_text()[-3000:]
+    libraries = (out / "logs" / "serve.log").read_text()[-3000:] if (out / "logs" / "serve.log").exists() else ""
+    assert server.returncode == 0, Path(log.name).read_text() + libraries
     service = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     port = free_port()
