@@ -11,7 +11,6 @@ Prints a table and appends the scores as JSON lines to --out (default RUN_DIR/lm
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import tempfile
@@ -74,8 +73,7 @@ def main(argv: list[str]) -> int:
     from spin_ray.logs import console_to_log, error_line
     from spin_ray.loop.harness import EngineLM, lm_eval_metrics
 
-    console, log = console_to_log(path, "evaluate")
-    say = functools.partial(print, file=console, flush=True)
+    say, log = console_to_log(path, "evaluate")
     say(f"scoring {', '.join(models)} on {', '.join(cfg.eval.lm_eval.tasks)}; the libraries' output: {log}")
     out = Path(args.out) if args.out else (path / "lm_eval.jsonl" if stored.exists() else None)
     engines = None

@@ -17,7 +17,6 @@ Runs until interrupted.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import signal
 import sys
@@ -57,9 +56,8 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    console, log = console_to_log(Path(args.path), "serve")
-    say = functools.partial(print, file=console, flush=True)
-    where = f"the cluster at {ray_address(cfg)}" if ray_address(cfg) else "a local Ray"
+    say, log = console_to_log(Path(args.path), "serve")
+    where = f"the cluster at {address}" if (address := ray_address(cfg)) else "a local Ray"
     say(f"starting {', '.join(models)} on {where}; the libraries' output: {log}")
     code, loading = 0, threading.Event()
     try:

@@ -1,4 +1,5 @@
-"""Where each process's output goes: one log file per process under `run.output_dir/logs/`.
+"""Where each process's output goes: one log file per process under `run.output_dir/logs/`
+(and `serve.log`, `evaluate.log` for the scripts beside the job).
 
 What the libraries print (vLLM, Ray Data, DeepSpeed, Ray Train, warnings) goes there by a Ray
 worker setup hook that points the process's stdout and stderr at a file; the file is renamed
@@ -8,13 +9,14 @@ after the process's role (`engine-<pid>.log`, `train-rank0-<pid>.log`) once it k
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
 
 LOG_DIR_ENV = "SPIN_RAY_LOG_DIR"
 
@@ -30,19 +32,20 @@ def capture_output() -> None:
             _output_to(Path(log_dir) / f"worker-{os.getpid()}.log")
 
 
-def console_to_log(path: Path, name: str) -> tuple[TextIO, Path]:
+def console_to_log(path: Path, name: str) -> tuple[Callable[[str], None], Path]:
     """For the scripts beside the job (serving, evaluation), given the run or model dir they read:
     from here on what the libraries print (Serve's deployment dumps, Ray Data's progress, vLLM,
     C++ warnings) goes to a run dir's logs/<name>.log (a temp file for a model dir, or a run dir
-    this user cannot write). Returns (a stream to the terminal for the script's own lines, the log)."""
+    this user cannot write). Returns (what prints the script's own lines on the terminal, the log)."""
     console = os.fdopen(os.dup(1), "w", buffering=1)
+    say = functools.partial(print, file=console, flush=True)
     if (path / "config.yaml").exists():
         with contextlib.suppress(OSError):
             _output_to(path / "logs" / f"{name}.log")
-            return console, path / "logs" / f"{name}.log"
+            return say, path / "logs" / f"{name}.log"
     temp = Path(tempfile.gettempdir()) / f"spin-ray-{os.getuid()}" / f"{name}-{os.getpid()}.log"  # the user's own
     _output_to(temp)
-    return console, temp
+    return say, temp
 
 
 def error_line(e: BaseException) -> str:
