@@ -87,7 +87,9 @@ def plain_run(local: Any, prompts: pa.Table, cfg: GenerationConfig, chunk: int) 
     # Exactly the requests Engine.generate makes: same ids, same sampling, same per-row seeds.
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts["prompt_ids"].to_pylist()]
     params = [
-        SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=s)
+        SamplingParams(
+            temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, stop_token_ids=local.stops, seed=s
+        )
         for s in prompts["seed"].to_pylist()
     ]
     start, tokens = time.perf_counter(), 0

@@ -36,13 +36,9 @@ def processes() -> dict[str, int]:
     return found
 
 
-def object_store_bytes() -> int:
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-    return get_memory_info_reply(get_state_from_address()).store_stats.object_store_bytes_used
-
-
 def sample(row: dict) -> None:
+    from spin_ray.private import object_store_bytes
+
     for name, pid in processes().items():
         try:
             p = psutil.Process(pid)

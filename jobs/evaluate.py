@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from spin_ray.config import ConfigError, load_config
+    from spin_ray.driver.prepare import builtin_world
     from spin_ray.lora import split
     from spin_ray.metrics import check_tasks
     from spin_ray.serve.app import checkpoints
@@ -52,12 +53,9 @@ def main(argv: list[str]) -> int:
         cfg = load_config(stored if stored.exists() else None, [*args.overrides, *flags])
         models = checkpoints(path, "all")
         if stored.exists():  # a run dir: its start model first
-            start = cfg.model.path
-            if start == "toy":
-                from spin_ray.toy import toy_world
-
-                start = str(toy_world(cfg.run.seed, cfg.toy.task).model_dir)
-            models = {"p_0": Path(start)} | {name.replace("spin-iter-", "p_"): d for name, d in models.items()}
+            world = builtin_world(cfg)
+            start = world.model_dir if world else Path(cfg.model.path)
+            models = {"p_0": start} | {name.replace("spin-iter-", "p_"): d for name, d in models.items()}
         check_tasks(cfg.eval.lm_eval.tasks, cfg.eval.lm_eval.include_path)
         first = str(next(iter(models.values())))
         length = args.max_model_len or AutoConfig.from_pretrained(split(first)[0]).max_position_embeddings

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
 
     from spin_ray.cluster import join_or_start, ray_address
     from spin_ray.logs import console_to_log, error_line
-    from spin_ray.serve.app import choose_ingress, serve_models
+    from spin_ray.serve.app import APP, choose_ingress, running_serve, serve_models, stop_app
     from spin_ray.serve.gateway import check_exposure
 
     try:
@@ -59,13 +59,14 @@ def main(argv: list[str]) -> int:
     say, log = console_to_log(Path(args.path), "serve")
     where = f"the cluster at {address}" if (address := ray_address(cfg)) else "a local Ray"
     say(f"starting {', '.join(models)} on {where}; the libraries' output: {log}")
-    code, loading = 0, threading.Event()
+    code, loading, started = 0, threading.Event(), False
     try:
         # Logical CPUs as the job gives them: each model's replica and its engine wait mostly.
         join_or_start(cfg, max(os.cpu_count() or 1, 2 * len(models) + 2))
         # After ray.init, which sets its own: a SIGTERM, during start-up too, stops this script as
-        # Ctrl-C does, through the `finally` that shuts Serve down (on a cluster it outlives us).
+        # Ctrl-C does, through the `finally` that stops our app (on a cluster Ray outlives us).
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        started = running_serve() is None  # a cluster's Serve, and its other apps, stay when we go
         tick = time.monotonic()
         threading.Thread(target=say_progress, args=(loading, tick, say), daemon=True).start()
         api_key = os.environ.get(cfg.serve.api_key_env)
@@ -87,16 +88,16 @@ def main(argv: list[str]) -> int:
             if d.status != "HEALTHY" and d.message.strip():  # a replica's start-up error, else in Ray's logs only
                 print(f"{name}: {d.message}", flush=True)  # whole, into the log
                 say(f"  {name}: {d.message.strip().splitlines()[-1]}")
+                if "Engine core initialization failed" in d.message:  # vLLM's; its cause is "above", elsewhere
+                    say(f"  {name}'s engine core says why in {engine_core_log(name)}")
         say(f"  (whole: {log})")
         code = 1
     finally:
         loading.set()
         import ray
-        from ray import serve
 
         if ray.is_initialized():
-            say("stopping: Serve shuts down")
-            serve.shutdown()
+            say(f"stopping: {stop_app(APP, started)}")
     return code
 
 
@@ -106,12 +107,34 @@ def deployments() -> dict:
     import ray
     from ray import serve
 
+    from spin_ray.serve.app import APP
+
     if not ray.is_initialized():
         return {}
     try:
-        return serve.status().applications["spin"].deployments
+        return serve.status().applications[APP].deployments
     except Exception:  # noqa: BLE001 - not deployed yet, or Serve is going: nothing to say
         return {}
+
+
+def engine_core_log(deployment: str) -> str:
+    """Where a replica's engine core wrote its start-up error: vLLM's EngineCore process inherits the
+    replica's stdout, so its lines ("(EngineCore pid=...) ERROR ...") are in the replica worker's
+    log in Ray's session dir on the replica's node, not in the deployment's message or Serve's logs."""
+    from spin_ray.serve.app import APP
+
+    ray_dir = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"  # Ray's default on Linux
+    header = f":actor_name:ServeReplica:{APP}:{deployment}"
+
+    def starts_with_header(path: Path) -> bool:  # a worker log's first lines name its actor
+        with path.open(errors="replace") as f:
+            return header in f.read(500)
+
+    # Every session's: session_latest is whichever Ray on this machine started last.
+    found = [p for p in ray_dir.glob("session_2*/logs/worker-*.out") if starts_with_header(p)]
+    if found:
+        return str(max(found, key=lambda p: p.stat().st_mtime))  # the last of Serve's tries
+    return f"{ray_dir}/session_latest/logs/worker-*.out on the replica's node (the one that starts {header!r})"
 
 
 def say_progress(loaded: threading.Event, tick: float, say) -> None:

@@ -1,6 +1,7 @@
 """Run every SPIN iteration as one Ray job.
 
     python jobs/spin.py                                   # the embedded toy world, local Ray, CPU
+    python jobs/spin.py model.path=smollm2                # a real chat model on CPU (configs/smollm2.yaml)
     python jobs/spin.py --config my.yaml train.lr=1e-7   # your model and data (README)
     python jobs/spin.py --dry-run --config my.yaml       # check everything, print the plan, exit
     ray job submit --working-dir . -- python jobs/spin.py --config my.yaml
@@ -25,7 +26,17 @@ if TYPE_CHECKING:
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")  # before pyarrow loads: see streaming_allocators
 LAUNCHED = time.time()  # before the heavy imports (in main): the start-up breakdown counts them
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+BUILTIN = ("toy", "smollm2")  # model.path words with a config of their own in configs/
+
+
+def default_config(overrides: list[str]) -> Path | None:
+    """configs/<model.path>.yaml for a built-in model (the toy when none is named); None, the
+    defaults of spin_ray/config.py, for any other: the toy's token limits and learning rate are
+    not a real model's."""
+    named = [o.partition("=")[2].strip() for o in overrides if o.startswith("model.path=")]
+    model = named[-1] if named else "toy"
+    return CONFIGS / f"{model}.yaml" if model in BUILTIN else None
 
 
 def init_ray(cfg: Config) -> None:
@@ -64,7 +75,9 @@ def init_ray(cfg: Config) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the toy world)")
+    parser.add_argument(
+        "--config", help="YAML config (default: configs/toy.yaml, or configs/smollm2.yaml with model.path=smollm2)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="check config, model and data, print the plan, exit")
     parser.add_argument("--verbose", action="store_true", help="show every library's output (same as run.verbose=true)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-6")
@@ -76,7 +89,8 @@ def main(argv: list[str]) -> int:
     from spin_ray.rundir import RunDirBusy
 
     try:
-        cfg = load_config(args.config, args.overrides + ["run.verbose=true"] * args.verbose)
+        config = args.config or default_config(args.overrides)
+        cfg = load_config(config, args.overrides + ["run.verbose=true"] * args.verbose)
         cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
         prepared = prepare(cfg, dry_run=args.dry_run)
     except (ConfigError, DataError, ValueError, RunDirBusy) as e:

@@ -12,6 +12,7 @@ from huggingface_hub import ModelCard, metadata_load
 
 from spin_ray.config import Config
 from spin_ray.lora import split
+from spin_ray.smollm2 import HUB_ID
 
 
 def summary(model_dir: Path) -> str | None:
@@ -31,15 +32,20 @@ def summary_line(cfg: Config, base: str, t: int) -> str:
     """The card's one line, also what jobs/serve.py lists per model in /v1/models."""
     method = "SFT baseline (spin.objective=sft)" if cfg.spin.objective == "sft" else "SPIN (self-play fine-tuning)"
     adapter = " LoRA adapter of" if cfg.train.lora else ""
-    data = cfg.data.train_path or f"the toy's {cfg.toy.task} task"
+    data = cfg.data.train_path or builtin_data(cfg)
     return f"Iteration {t} of {method}:{adapter} {base}, trained on {data}."
+
+
+def builtin_data(cfg: Config) -> str:
+    """What a built-in model (model.path=toy or smollm2) trains on when no data path is given."""
+    return f"the toy's {cfg.toy.task} task" if cfg.model.path == "toy" else "the smollm2 word-problem task"
 
 
 def card(cfg: Config, base: str, t: int, rows: list[dict[str, Any]], fingerprint: str, merged: bool = False) -> str:
     """The README.md of iteration t's checkpoint, trained from `base` (p_0, as model.path resolved);
     `rows` are metrics.jsonl's lines."""
     meta: dict[str, Any] = {
-        "base_model": base,
+        "base_model": HUB_ID if cfg.model.path == "smollm2" else base,  # built from the Hub model's GGUF
         "library_name": "peft" if cfg.train.lora and not merged else "transformers",
         "tags": ["spin", "self-play", "spin-ray"] + (["lora"] if cfg.train.lora else []),
     }
@@ -75,7 +81,7 @@ def card(cfg: Config, base: str, t: int, rows: list[dict[str, Any]], fingerprint
         "## Settings",
         "",
         *(f"- `{k}`: {v}" for k, v in settings.items() if v is not None),
-        f"- training data: `{cfg.data.train_path or 'the toy (model.path=toy)'}`, fingerprint `{fingerprint}`",
+        f"- training data: `{cfg.data.train_path or builtin_data(cfg)}`, fingerprint `{fingerprint}`",
         "",
         "## Held-out metrics",
         "",

@@ -27,32 +27,31 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: str = Field("toy", description="HF model dir or hub id; `toy` builds the embedded toy world.")
+    path: str = Field("toy", description="HF model dir or hub id; `toy` or `smollm2`: a built-in model and task.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype for engines and training."
     )
 
 
 class DataConfig(Section):
-    train_path: str | None = Field(
-        None, description="SFT data: JSONL, Parquet, or a `datasets` dir. None with model.path=toy."
-    )
+    # Records hold chat `messages` (or the official SPIN data's `real`); toy and smollm2 bring their own.
+    train_path: str | None = Field(None, description="SFT data: JSONL, Parquet, a `datasets` dir or a Hub id.")
     eval_path: str | None = Field(None, description="Held-out SFT data, same format (optional).")
-    max_prompt_tokens: int = Field(512, gt=0, description="Longest prompt, in tokens, after the chat template.")
-    max_response_tokens: int = Field(512, gt=0, description="Real responses are cut to this many tokens.")
+    train_split: str = Field("train", description="train_path's split (a Hub dataset or a DatasetDict).")
+    eval_split: str = Field("test", description="eval_path's split (a Hub dataset or a DatasetDict).")
+    max_prompt_tokens: int | None = Field(None, gt=0, description="Longest prompt in tokens; null: the data's.")
+    max_response_tokens: int | None = Field(None, gt=0, description="Real answers are cut there; null: the data's.")
     long_prompts: Literal["error", "skip"] = Field(
-        "error", description="What to do with prompts over max_prompt_tokens."
+        "error", description="Prompts over max_prompt_tokens: error or skip."
     )
-    dedupe: Literal["none", "records"] = Field(
-        "none", description="Drop exactly equal records (`records`) or keep every record (`none`)."
-    )
+    dedupe: Literal["none", "records"] = Field("none", description="Keep every record, or drop exactly equal ones.")
     max_examples: int | None = Field(None, gt=0, description="Use only the first N training examples.")
 
 
 class GenerationConfig(Section):
     temperature: float = Field(1.0, ge=0, description="Sampling temperature for y' (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for y'.")
-    max_tokens: int = Field(256, gt=0, description="Most new tokens per generated response.")
+    max_tokens: int | None = Field(None, gt=0, description="Most new tokens of y'; null: data.max_response_tokens.")
     num_engines: int = Field(1, gt=0, description="Long-lived vLLM engine actors.")
     tensor_parallel_size: int = Field(
         1, gt=0, description="Tensor-parallel ranks per engine: GPUs, or on CPU worker processes."
@@ -66,7 +65,7 @@ class GenerationConfig(Section):
     )
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per engine process (TP rank) in GiB (CPU).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM GPU memory share.")
-    max_model_len: int | None = Field(None, gt=0, description="vLLM max model length (default: prompt+max_tokens).")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM's context, the data's bound (null: what it needs).")
     enforce_eager: bool = Field(True, description="Skip graph capture/compile (start-up cost, no gain on CPU).")
     batch_size: int = Field(
         256, gt=0, description="Prompts per request to an engine; >= vLLM's max_num_seqs (256 on CPU, 1024 on H100)."
@@ -237,8 +236,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        if self.model.path != "toy" and self.data.train_path is None:
-            raise ValueError("data.train_path is required unless model.path=toy")
+        if self.model.path not in ("toy", "smollm2") and self.data.train_path is None:
+            raise ValueError("data.train_path is required unless model.path is toy or smollm2")
         if self.spin.streams and self.train.epochs > 1:
             raise ValueError(
                 "spin.stream=true trains on each pair as it is made, once: set train.epochs=1 or spin.stream=false"
@@ -248,7 +247,7 @@ class Config(Section):
                 "sync.method=broadcast needs engines and trainer on the same kind of device (NCCL between GPUs, "
                 "gloo between CPUs): set train.use_gpu and generation.num_gpus alike, or use sync.method=object_store"
             )
-        if self.model.path == "toy" and self.toy.task == "working" and self.generation.max_tokens < 24:
+        if self.model.path == "toy" and self.toy.task == "working" and (self.generation.max_tokens or 24) < 24:
             raise ValueError("toy.task=working answers take up to 19 tokens: set generation.max_tokens=24")
         if lora := self.train.lora:
             g = self.generation

@@ -1,8 +1,9 @@
 """SFT data in chat form: read, validate (every bad record, before anything expensive), tokenize.
 
 A record is `{"messages": [{"role", "content"}, ...], "id"?: str|int}`. The prompt x is every
-message before the last; the real response y is the last, an assistant turn. Token ids are made
-here once and travel with the pairs, so engines and trainer score exactly the same tokens.
+message before the last; the real response y is the last, an assistant turn, its ids ending where
+the engines stop (spin_ray.chat). Records come from files or the Hub (spin_ray.sources). Token ids
+are made here once and travel with the pairs, so engines and trainer score exactly the same tokens.
 
 The training set is streamed: read, checked and written as a tokenized parquet file record by
 record (`write_training_set`), then read back in batches; what stays in memory per record is a
@@ -17,7 +18,7 @@ import json
 import math
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from spin_ray.chat import encode, stop_token_ids
+from spin_ray.sources import ROW_GROUP, DataError, conversation, is_hub_dataset, read_rows
 
 ROLES = ("system", "user", "assistant", "tool")
 TRAIN_SCHEMA = pa.schema(
@@ -37,12 +41,7 @@ TRAIN_SCHEMA = pa.schema(
         ("real_ids", pa.list_(pa.int64())),
     ]
 )
-ROW_GROUP = 4096  # examples per write, and rows a reader of the file holds at a time
 MAX_BUCKETS = 256  # write_permuted's files open at once: well under the usual 1,024 open files
-
-
-class DataError(ValueError):
-    """Bad input data; the message lists every problem with file, line and field."""
 
 
 @dataclass(frozen=True)
@@ -55,43 +54,12 @@ class Example:
     real_ids: list[int]
 
 
-def _read_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
-    """Yields (line or row number, record); a record that can't be parsed comes as a DataError
-    instance, and one about the whole file has no number."""
-    if path.is_dir():
-        import datasets  # only here: importing it costs ~1 s and most runs read JSONL
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:  # noqa: BLE001 - any failure here means "not a saved dataset"
-            yield None, DataError(f"not a `datasets` directory saved with save_to_disk ({e})")
-            return
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                yield None, DataError(f"DatasetDict has no 'train' split (has {list(ds)})")
-                return
-            ds = ds["train"]
-        yield from enumerate(ds)
-    elif path.suffix == ".parquet":
-        batches = pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP)
-        yield from enumerate(row for batch in batches for row in batch.to_pylist())
-    else:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield lineno, DataError(f"invalid JSON ({e.msg} at column {e.colno})")
-
-
 def _check_messages(record: Any) -> list[str]:
     """Problems with one record's structure, each naming the field."""
     if not isinstance(record, dict):
         return [f"record is a {type(record).__name__}, expected an object with `messages`"]
     if "messages" not in record:
-        return ["field `messages` is missing"]
+        return ["field `messages` is missing (or `real`, in the official SPIN data's schema)"]
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         return ["field `messages` must be a non-empty list"]
@@ -152,45 +120,40 @@ class Census:
         }
 
 
-def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(prompt ids with the generation prompt, response ids incl. the template's end of turn)."""
-    prompt_ids = list(
-        tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
-    )
-    full_ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-    if full_ids[: len(prompt_ids)] == prompt_ids:
-        return prompt_ids, full_ids[len(prompt_ids) :]
-    # Templates that rewrite earlier turns (e.g. strip reasoning) break the prefix property.
-    response = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
-    return prompt_ids, response + [tokenizer.eos_token_id]
-
-
 def read_sft(
     path: str | Path,
     tokenizer: Any,
     *,
-    max_prompt_tokens: int,
-    max_response_tokens: int,
+    max_prompt_tokens: int | None,
+    max_response_tokens: int | None,
     long_prompts: str = "error",
     dedupe: str = "none",
+    stops: Collection[int] | None = None,
+    context: int | None = None,
+    split: str = "train",
 ) -> Iterator[Example]:
-    """Validates and tokenizes a file record by record, yielding the usable examples; at the end
-    raises DataError listing every bad record, so a caller keeps nothing it wrote before then.
+    """Validates and tokenizes a file, a `datasets` dir or a Hub dataset (their `split`) record by
+    record, yielding the usable examples; at the end raises DataError listing every bad record, so
+    a caller keeps nothing it wrote before then.
 
     Records without an `id` get `<content hash>-<occurrence>`: unique per record, equal across
     loads of the same file, so equal records stay separate examples with their own sampling seeds.
-    `dedupe="records"` yields only the first of exactly equal records.
+    `dedupe="records"` yields only the first of exactly equal records. Real answers end at the first
+    of `stops` (default: stop_token_ids of the tokenizer alone). A limit left None is the model's
+    `context`: a prompt must leave room for an answer, and an answer is cut where the context ends.
     Long on purpose: one pass whose checks (ids, duplicates, lengths, census) share per-file state.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file does not exist")
-    table = path.is_dir() or path.suffix == ".parquet"
+    if not path.exists() and not is_hub_dataset(path):
+        raise DataError(f"{path}: file does not exist (nor is it a Hub dataset id, owner/name)")
+    table = path.is_dir() or path.suffix == ".parquet" or is_hub_dataset(path)
 
     def where(n: int | None) -> str:
         """`file:line` in JSONL, `file:row i` in a table, the file alone for the whole file."""
         return str(path) if n is None else f"{path}:row {n}" if table else f"{path}:{n}"
 
+    stops = set(stop_token_ids(tokenizer) if stops is None else stops)
+    prompt_limit = max_prompt_tokens or (context or math.inf) - 2
     problems: list[str] = []
     first_at: dict[int, int | None] = {}  # uid digest -> where that uid was first
     occurrences: Counter[int] = Counter()  # content digest -> records so far (records without an id)
@@ -198,11 +161,12 @@ def read_sft(
     census = Census()
     skipped = 0
     rows = 0
-    for n, record in _read_rows(path):
+    for n, raw in read_rows(path, split):
         rows += 1
-        if isinstance(record, DataError):
-            problems.append(f"{where(n)}: {record}")
+        if isinstance(raw, DataError):
+            problems.append(f"{where(n)}: {raw}")
             continue
+        record = conversation(raw)
         bad = _check_messages(record)
         if bad:
             problems.extend(f"{where(n)}: {b}" for b in bad)
@@ -217,23 +181,26 @@ def read_sft(
             problems.append(f"{where(n)}: field `id` {uid!r} duplicates {where(first_at[key])}")
             continue
         first_at[key] = n
-        prompt_ids, real_ids = encode(tokenizer, record["messages"])
-        if len(prompt_ids) > max_prompt_tokens:
+        prompt_ids, real_ids = encode(tokenizer, record["messages"], stops)
+        if len(prompt_ids) > prompt_limit:
             if long_prompts == "skip":
                 skipped += 1
                 continue
+            over = f"data.max_prompt_tokens={max_prompt_tokens}" if max_prompt_tokens else f"the context ({context})"
             problems.append(
-                f"{where(n)}: prompt (`messages[:-1]`) is {len(prompt_ids)} tokens, over "
-                f"data.max_prompt_tokens={max_prompt_tokens} (or set data.long_prompts=skip)"
+                f"{where(n)}: prompt (`messages[:-1]`) is {len(prompt_ids)} tokens, over {over} "
+                "(or set data.long_prompts=skip)"
             )
             continue
+        # One position stays free: scoring a (prompt, answer) asks the engine for one more token.
+        room = max_response_tokens or (context - 1 - len(prompt_ids) if context else len(real_ids))
         example = Example(
             uid=uid,
             prompt_messages=record["messages"][:-1],
             prompt=tokenizer.decode(prompt_ids),
             real=record["messages"][-1]["content"],
             prompt_ids=prompt_ids,
-            real_ids=real_ids[:max_response_tokens],
+            real_ids=real_ids[:room],
         )
         record_key = census.add(example)
         if dedupe == "records":
@@ -248,7 +215,7 @@ def read_sft(
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         raise DataError(f"{len(problems)} problem(s) in {path}:\n  " + "\n  ".join(shown) + more)
     if skipped:
-        print(f"[data] {path}: skipped {skipped} of {rows} records with prompts over {max_prompt_tokens} tokens")
+        print(f"[data] {path}: skipped {skipped} of {rows} records with prompts over {prompt_limit} tokens")
     if not census.records:
         raise DataError(f"{path}: no usable records left (skipped {skipped} over-long prompts)")
     summary = census.summary()
@@ -272,6 +239,7 @@ class TrainingSet:
     fingerprint: str  # of the token ids: to refuse resuming a run made on other data
     prompt_tokens: int
     real_lengths: dict[int, int]  # real response length -> records
+    longest_prompt: int
 
 
 def write_training_set(examples: Iterator[Example], dest: Path | None, max_examples: int | None) -> TrainingSet:
@@ -279,7 +247,7 @@ def write_training_set(examples: Iterator[Example], dest: Path | None, max_examp
     (and so validated)."""
     h = hashlib.sha256()
     lengths: Counter[int] = Counter()
-    records = prompt_tokens = 0
+    records = prompt_tokens = longest_prompt = 0
     buffer: list[dict[str, Any]] = []
     with pq.ParquetWriter(dest, TRAIN_SCHEMA) if dest else contextlib.nullcontext() as writer:
         for e in examples:
@@ -288,6 +256,7 @@ def write_training_set(examples: Iterator[Example], dest: Path | None, max_examp
             records += 1
             h.update(json.dumps([e.uid, e.prompt_ids, e.real_ids]).encode())
             prompt_tokens += len(e.prompt_ids)
+            longest_prompt = max(longest_prompt, len(e.prompt_ids))
             lengths[len(e.real_ids)] += 1
             buffer.append({k: getattr(e, k) for k in TRAIN_SCHEMA.names})
             if writer and len(buffer) == ROW_GROUP:
@@ -295,7 +264,7 @@ def write_training_set(examples: Iterator[Example], dest: Path | None, max_examp
                 buffer.clear()
         if writer and buffer:
             writer.write_table(pa.Table.from_pylist(buffer, TRAIN_SCHEMA))
-    return TrainingSet(dest, records, h.hexdigest()[:16], prompt_tokens, dict(lengths))
+    return TrainingSet(dest, records, h.hexdigest()[:16], prompt_tokens, dict(lengths), longest_prompt)
 
 
 def write_permuted(

@@ -9,11 +9,11 @@ load that base once and then only ever move the adapter.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from spin_ray.config import LoraConfig
+from spin_ray.rundir import replace_dir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -100,6 +100,4 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, dtype: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
     PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().save_pretrained(tmp)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
-    if out.exists():  # left by a merge whose iteration is being redone
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)

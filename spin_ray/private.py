@@ -84,3 +84,10 @@ def zero3_full_state_dict(engine: Any) -> dict:
     """Every parameter gathered whole on rank 0 under ZeRO-3 (every rank must call it).
     DeepSpeed 0.19's public `save_16bit_model` writes to disk; we need the tensors."""
     return engine._zero3_consolidated_16bit_state_dict()
+
+
+def object_store_bytes() -> int:
+    """Bytes in use in this node's object store; Ray 2.60 has no public call for it."""
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    return get_memory_info_reply(get_state_from_address()).store_stats.object_store_bytes_used

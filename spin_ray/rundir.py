@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
 ITERATION = re.compile(r"iter_(\d+)$")
-TMP = ("pairs.tmp", "prompts.tmp", "model.tmp")  # an iteration's work in progress
+TMP = ("pairs.tmp", "prompts.tmp", "model.tmp", "model.old")  # an iteration's work in progress
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -46,6 +47,26 @@ class RunDirBusy(RuntimeError):
 
 
 HEARTBEAT_S = 10.0  # the lock's holder touches it this often; one silent for 6 beats is stale
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Puts the complete directory `new` at `final`, where an older copy may be (one left by an
+    export or merge whose iteration is being redone). The old copy is moved aside first and
+    removed last, so a complete one is on disk throughout (and back at `final` if the rename in
+    fails): removing it first left a restarted train group nothing to load."""
+    old = final.with_name(final.name + ".old")
+    if old.exists() and not final.exists():  # a crash between the two renames below
+        old.rename(final)
+    shutil.rmtree(old, ignore_errors=True)  # a removal cut short
+    if final.exists():
+        final.rename(old)
+    try:
+        new.rename(final)
+    except BaseException:
+        if old.exists():
+            old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def lock(root: Path) -> None:

@@ -26,6 +26,7 @@ class Prepared:
     serve_key_digest: str | None = None  # serve.live's bearer key, hashed: the key stays in the driver
     inputs: dict[str, str] = field(default_factory=dict)  # fingerprints of the start model and eval data
     params: tuple[int, int] = (0, 0)  # (trainable, all) parameters: with train.lora, the adapter's are trainable
+    limits: list[str] = field(default_factory=list)  # the token limits taken from the data, and why
 
 
 @dataclass(frozen=True)

@@ -168,9 +168,13 @@ def _world(root: Path) -> ToyWorld:
 def toy_world(seed: int = 0, task: str = "addition") -> ToyWorld:
     """The toy world of `seed` (and `task`) in the cache (`SPIN_RAY_CACHE`, default
     ~/.cache/spin-ray), built on first use."""
-    cache = Path(os.environ.get("SPIN_RAY_CACHE", Path.home() / ".cache" / "spin-ray"))
     name = f"toy-seed{seed}" if task == "addition" else f"toy-{task}-seed{seed}"
-    return build_toy_world(cache / name, seed=seed, task=task)
+    return build_toy_world(cache_dir() / name, seed=seed, task=task)
+
+
+def cache_dir() -> Path:
+    """Where built-in worlds are built: `SPIN_RAY_CACHE`, default ~/.cache/spin-ray."""
+    return Path(os.environ.get("SPIN_RAY_CACHE", Path.home() / ".cache" / "spin-ray"))
 
 
 def build_toy_world(root: str | Path, seed: int = 0, *, task: str = "addition", force: bool = False) -> ToyWorld:

@@ -15,7 +15,7 @@ from spin_ray.rundir import RunDir, write_atomic
 
 class Tracker:
     def __init__(self, cfg: Config, output_dir: Path, resume_from: int = 0):
-        self.path = RunDir(output_dir).metrics
+        self.root, self.path = output_dir, RunDir(output_dir).metrics
         if self.path.exists():  # lines of an iteration that did not finish are logged again
             kept = [line for line in read_metrics(output_dir) if line.get("iteration", -1) < resume_from]
             write_atomic(self.path, "".join(json.dumps(line) + "\n" for line in kept))
@@ -43,6 +43,11 @@ class Tracker:
             f.write(json.dumps({"step": step} | metrics) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)
+
+    def has_row(self, t: int) -> bool:
+        """Whether iteration t's row (p_t's evaluation; t = 0: the start model's) is logged."""
+        lines = read_metrics(self.root) if self.path.exists() else []
+        return any(line.get("iteration") == t and is_row(line) for line in lines)
 
     def finish(self) -> None:
         if self.run is not None:
@@ -72,6 +77,12 @@ def read_metrics(output_dir: str | Path, problems: list[str] | None = None) -> l
             if problems is not None:
                 problems.append(f"metrics.jsonl line {n} is not JSON; left out")
     return lines
+
+
+def is_row(line: dict[str, Any]) -> bool:
+    """An iteration's row carries its global step; the start model's has no train/ keys; the
+    per-step training lines have train/ keys only."""
+    return "global_step" in line or not any(key.startswith("train/") for key in line)
 
 
 def record_event(output_dir: str | Path, kind: str, **fields: Any) -> None:

@@ -192,18 +192,17 @@ def dealt(stream: PairStream, ranks: int, epochs: int = 1) -> list[list[list[str
     return [[table["uid"].to_pylist() for table in step] for step in stream.steps(ranks, epochs)]
 
 
-TOY_TASKS = """
-task: spin_toy_addition
+GENERATE_TASK = """task: {name}
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {data}}}}}
 test_split: test
 output_type: generate_until
 doc_to_text: "{{{{question}}}}"
 doc_to_target: "{{{{answer}}}}"
-generation_kwargs: {{until: [], max_gen_toks: 8, do_sample: false}}
+generation_kwargs: {{until: [], max_gen_toks: {max_gen_toks}, do_sample: false}}
 metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
----
-task: spin_toy_choice
+"""
+CHOICE_TASK = """task: {name}
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {data}}}}}
 test_split: test
@@ -214,12 +213,21 @@ doc_to_target: label
 target_delimiter: ""
 metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
 """
+TOY_TASKS = {"spin_toy_addition": GENERATE_TASK, "spin_toy_choice": CHOICE_TASK}
+
+
+def write_task(dest: Path, name: str, rows: list[dict], text: str = GENERATE_TASK, max_gen_toks: int = 8) -> Path:
+    """An lm-eval task `name` over `rows` (question, answer, ...) in local JSONL: nothing to download."""
+    dest.mkdir(parents=True, exist_ok=True)
+    data = dest / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (dest / f"{name}.yaml").write_text(text.format(name=name, data=data, max_gen_toks=max_gen_toks))
+    return dest
 
 
 def toy_tasks(toy, dest: Path) -> Path:
     """lm-eval tasks of the toy's held-out sums, over local JSONL (nothing to download): the sums as
     a generate_until task, and as a 4-way choice between the sum and three near misses."""
-    dest.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, record in enumerate(read_jsonl(toy.eval_path)):
         question, answer = (m["content"] for m in record["messages"])
@@ -233,11 +241,8 @@ def toy_tasks(toy, dest: Path) -> Path:
                 "label": label,
             }
         )
-    data = dest / "toy_sums.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for text in TOY_TASKS.split("---"):
-        name = text.split("task: ")[1].split()[0]
-        (dest / f"{name}.yaml").write_text(text.format(data=data).lstrip())
+    for name, text in TOY_TASKS.items():
+        write_task(dest, name, rows, text)
     return dest
 
 

@@ -91,3 +91,18 @@ def test_reference_lists_every_key():
 def test_readme_config_reference_is_current():
     page = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
     assert reference_markdown() in page, "regenerate docs/config.md's table: python -m spin_ray.config"
+
+
+def test_jobs_default_config_follows_model_path():
+    """No --config: the toy's file for the toy, smollm2's for smollm2, and spin_ray/config.py's
+    defaults for any other model (the toy's token limits and lr are no real model's)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "spin_job", Path(__file__).resolve().parent.parent / "jobs" / "spin.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.default_config([]).name == "toy.yaml"
+    assert job.default_config(["train.lr=1e-3", "model.path=smollm2"]).name == "smollm2.yaml"
+    assert job.default_config(["model.path=smollm2", "model.path=/models/zephyr"]) is None

@@ -12,7 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spin_ray.data import ROW_GROUP, DataError, encode, load_sft, read_sft, write_permuted, write_training_set
+from spin_ray.chat import encode, stop_token_ids
+from spin_ray.data import (
+    ROW_GROUP,
+    DataError,
+    load_sft,
+    read_sft,
+    write_permuted,
+    write_training_set,
+)
 from spin_ray.loop.generate import sample_seed
 from spin_ray.toy_model import make_tokenizer
 
@@ -192,7 +200,8 @@ def test_parquet_and_datasets_dir(tmp_path, tok):
 
 
 def test_encode_falls_back_when_template_is_not_prefix(tok):
-    prompt, response = encode(tok, [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}])
+    messages = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]
+    prompt, response = encode(tok, messages, stop_token_ids(tok))
     assert tok.decode(prompt).endswith("<|assistant|>") and tok.decode(response) == "2<|end|>"
 
 
@@ -293,3 +302,73 @@ def test_a_second_job_on_a_run_dir_is_refused_naming_the_first(tmp_path):
         lock(tmp_path)
     os.utime(tmp_path / "run.lock", (0, 0))  # silent for a long time: stale
     lock(tmp_path)
+
+
+def hub_cache(cache: Path, repo_id: str, splits: dict[str, list[dict]]) -> None:
+    """`repo_id` as `datasets` keeps a Hub dataset it downloaded: what load_dataset reads offline."""
+    from datasets.packaged_modules.json.json import Json
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    files = {split: str(write_jsonl(cache.parent / f"{split}.jsonl", rows)) for split, rows in splits.items()}
+    built = cache.parent / "built"
+    Json(cache_dir=str(built), data_files=files, dataset_name=repo_id.split("/")[1]).download_and_prepare()
+    dest = cache / repo_id.replace("/", "___") / "default" / "0.0.0"
+    dest.mkdir(parents=True)
+    next(built.glob("*/*/0.0.0")).rename(dest / "0123abcd")  # config / version / the Hub commit
+
+
+def test_a_hub_dataset_id_with_its_split_from_the_local_cache(tmp_path, tok, monkeypatch):
+    cache = tmp_path / "hf" / "datasets"
+    hub_cache(
+        cache, "HuggingFaceH4/ultrachat_200k", {"train_sft": [conv("1+2=", "3")] * 2, "test_sft": [conv("5+5=", "10")]}
+    )
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    train = load("HuggingFaceH4/ultrachat_200k", tok, split="train_sft")
+    held_out = load("HuggingFaceH4/ultrachat_200k", tok, split="test_sft")
+    assert [e.real for e in train] == ["3", "3"] and [e.real for e in held_out] == ["10"]
+    with pytest.raises(DataError, match=r"ultrachat_200k: cannot load it as a Hub dataset .*Unknown split"):
+        load("HuggingFaceH4/ultrachat_200k", tok, split="train")
+    with pytest.raises(DataError, match="does not exist"):
+        load("data/missing.jsonl", tok)  # a path, not taken for a Hub id
+
+
+def test_the_official_spin_datas_real_conversation_is_the_sft_record(tmp_path, tok):
+    """UCLA-AGI/SPIN_iter0's schema: `real` and `generated` conversations; y comes from `real`."""
+    real, generated = conv("1+2=", "3")["messages"], conv("1+2=", "4")["messages"]
+    path = write_jsonl(tmp_path / "spin.jsonl", [{"real": real, "generated": generated}, {"generated": generated}])
+    with pytest.raises(DataError, match=r"spin.jsonl:2: field `messages` is missing \(or `real`"):
+        load(path, tok)
+    write_jsonl(path, [{"real": real, "generated": generated}])
+    assert [(e.prompt_messages, e.real) for e in load(path, tok)] == [(real[:1], "3")]
+
+
+def test_token_limits_come_from_the_data_unless_set(toy, tmp_path):
+    from spin_ray.config import load_config
+    from spin_ray.driver.prepare import prepare
+
+    tok = make_tokenizer()
+    examples = [*load(toy.train_path, tok), *load(toy.eval_path, tok)]
+    longest_prompt = max(len(e.prompt_ids) for e in examples)
+    longest_answer = max(len(e.real_ids) for e in examples)
+    cfg = load_config(None, ["model.path=toy", f"run.output_dir={tmp_path}/a"])
+    prepared = prepare(cfg, dry_run=True)
+    assert (cfg.data.max_prompt_tokens, cfg.data.max_response_tokens) == (longest_prompt, longest_answer)
+    assert cfg.generation.max_tokens == longest_answer and prepared.max_model_len == longest_prompt + longest_answer + 1
+    assert [line.split(":")[0] for line in prepared.limits] == [
+        f"data.max_prompt_tokens={longest_prompt}",
+        f"data.max_response_tokens={longest_answer}",
+        f"generation.max_tokens={longest_answer}",
+    ]
+    cfg = load_config(None, ["model.path=toy", "generation.max_tokens=3", f"run.output_dir={tmp_path}/b"])
+    assert (
+        prepare(cfg, dry_run=True).limits[-1].startswith("data.max_response_tokens") and cfg.generation.max_tokens == 3
+    )
+    # The context bounds what the data may take: answers are cut, and y' gets what the longest prompt leaves.
+    cfg = load_config(
+        None, ["model.path=toy", f"generation.max_model_len={longest_prompt + 3}", f"run.output_dir={tmp_path}/c"]
+    )
+    prepare(cfg, dry_run=True)
+    assert cfg.generation.max_tokens == cfg.data.max_response_tokens == 2 < longest_answer
+    with pytest.raises(DataError, match=rf"is {longest_prompt} tokens, over the context \({longest_prompt + 1}\)"):
+        prepare(load_config(None, ["model.path=toy", f"generation.max_model_len={longest_prompt + 1}"]), dry_run=True)

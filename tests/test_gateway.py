@@ -141,3 +141,40 @@ def test_a_key_replaces_the_host_rule(toy):
     ok = Request(chat(), {"host": "spin.example.com", "authorization": "Bearer k"})
     assert status(asyncio.run(gateway._handle(ok, "chat")))[0] == 200
     assert status(asyncio.run(gateway._handle(Request(chat(), {"host": "spin.example.com"}), "chat")))[0] == 401
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("model", ["spin-live"]),  # unhashable: was a TypeError, a 500
+        ("model", {"id": "spin-live"}),
+        ("max_tokens", 0),  # was taken for unset: the limit
+        ("max_tokens", True),  # a bool is an int to Python: was max_tokens=1
+        ("max_completion_tokens", 0),
+        ("max_completion_tokens", False),
+        ("max_completion_tokens", 9),
+        ("temperature", True),
+        ("top_p", False),
+        ("n", True),
+        ("stream", 1),  # Serve LLM's request model took 1 or "yes" for true
+        ("stream", "yes"),
+    ],
+)
+def test_wrong_json_types_are_400s_naming_their_field(live, field, value):
+    gateway, engines = live
+    engines.go.set()
+    code, body = status(asyncio.run(gateway._handle(Request(chat(**{field: value})), "chat")))
+    assert code == 400 and body["error"]["param"] == field and body["error"]["type"] == "invalid_request_error", body
+    assert engines.seen == [] and gateway.in_flight == 0
+
+
+def test_null_limits_mean_unset_and_max_completion_tokens_wins(live):
+    gateway, engines = live
+    engines.go.set()
+    for extra, sent in (
+        ({"max_tokens": None, "n": None, "stream": None, "temperature": None}, 8),
+        ({"max_completion_tokens": 3, "max_tokens": 5}, 3),
+        ({"max_completion_tokens": None, "max_tokens": 5}, 5),
+    ):
+        code, body = status(asyncio.run(gateway._handle(Request(chat(**extra)), "chat")))
+        assert code == 200 and engines.seen[-1]["max_tokens"] == sent, (extra, body)

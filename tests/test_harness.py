@@ -15,8 +15,11 @@ from helpers import hf_greedy, hf_sums, make_engines, toy_tasks
 from lm_eval.tasks import TaskManager
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin_ray.config import LmEvalConfig
+from spin_ray.config import LmEvalConfig, load_config
+from spin_ray.loop.evaluate import Evaluator
 from spin_ray.loop.harness import EngineLM, lm_eval_metrics
+from spin_ray.loop.progress import Progress
+from spin_ray.metrics import check_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 40
@@ -35,7 +38,7 @@ def harness(ray_session, toy, tmp_path_factory):
 
 
 def questions(tasks: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (tasks / "toy_sums.jsonl").read_text().splitlines()[:LIMIT]]
+    rows = [json.loads(line) for line in (tasks / "spin_toy_choice.jsonl").read_text().splitlines()[:LIMIT]]
     return rows
 
 
@@ -109,3 +112,31 @@ def test_unknown_task_is_refused_before_anything_starts(toy, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and "eval.lm_eval.tasks: ['no_such_task'] are not lm-eval tasks" in proc.stderr
+
+
+def test_perplexity_tasks_are_refused_before_anything_starts(tmp_path):
+    """The engines answer loglikelihood and generate_until requests, not loglikelihood_rolling:
+    wikitext, named or in a group, would fail after iteration 1 is trained, and on every rerun."""
+    (tmp_path / "with_perplexity.yaml").write_text("group: with_perplexity\ntask: [arc_easy, wikitext]\n")
+    with pytest.raises(ValueError) as refused:
+        check_tasks(["arc_easy", "with_perplexity", "wikitext"], str(tmp_path))
+    assert str(refused.value).startswith(
+        "eval.lm_eval.tasks: with_perplexity (its task wikitext), wikitext: the engines do not answer "
+        "loglikelihood_rolling requests"
+    )
+
+
+def test_an_lm_eval_failure_is_reported_and_the_evaluation_goes_on(toy, tmp_path):
+    """A task that fails inside lm-eval (here its data set is gone) costs its numbers, not the run:
+    lm-eval runs after p_t is trained and exported. The hooks still run."""
+    tasks = toy_tasks(toy, tmp_path / "tasks")
+    (tasks / "spin_toy_addition.jsonl").unlink()
+    lm_eval = ["eval.lm_eval.tasks=[spin_toy_addition]", f"eval.lm_eval.include_path={tasks}"]
+    cfg = load_config(None, [*lm_eval, 'eval.hooks=["eval_hooks:checkpoint"]'])
+    prepared = SimpleNamespace(model_path=str(toy.model_dir), max_model_len=64, eval=[])  # no held-out prompts
+    progress = Progress(1)
+    scores = Evaluator(cfg, prepared, None, progress)(1, str(toy.model_dir))  # no request reaches an engine
+    assert scores == {"eval/checkpoint/iteration": 1.0, "eval/checkpoint/has_weights": 1.0}
+    [said] = [event["text"] for event in progress.read(0) if event["kind"] == "line"]
+    assert said.startswith("[eval] lm-eval failed on iteration 1; skipped:\n"), said
+    assert "spin_toy_addition.jsonl" in said

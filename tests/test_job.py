@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import yaml
 from helpers import N_PROMPTS, free_port, run_notebook
@@ -18,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_records import history
 
 from spin_ray.comparison import load
+from spin_ray.config import load_config
+from spin_ray.driver.job import start_coordinator
 from spin_ray.report import load_run
 from spin_ray.tracking import read_metrics
 
@@ -153,6 +157,28 @@ def test_compare_and_report_read_the_real_run(run):
     result = load(out)
     assert sorted(result.rows) == [0, 1, 2, 3] and all("eval/accuracy" in row for row in result.rows.values())
     assert list(load_run(out).iterations["iteration"]) == [0, 1, 2, 3]
+
+
+def own_and_child_environment(coordinator) -> tuple[str | None, bytes]:
+    """Run in the coordinator: its W&B key, and the environment of a task it starts."""
+    child = ray.remote(num_cpus=0)(lambda: Path("/proc/self/environ").read_bytes())
+    return os.environ.get("WANDB_API_KEY"), ray.get(child.remote())
+
+
+def test_the_wandb_key_reaches_the_coordinator_alone(ray_session, tmp_path, monkeypatch):
+    """An online run's W&B key is the coordinator's (it runs W&B), not in its runtime_env: Ray
+    would hand that to every process it starts (the engines, the train workers, Ray Data's tasks)."""
+    key = "spin-ray-test-key-" + "7" * 22
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}"])  # run.wandb_mode=auto: online with a key
+    prepared = SimpleNamespace(train=SimpleNamespace(fingerprint="-"), inputs={})  # what the constructor reads
+    coordinator = start_coordinator(cfg, prepared)
+    try:
+        own, child = ray.get(coordinator.__ray_call__.remote(own_and_child_environment))
+    finally:
+        ray.kill(coordinator)
+    assert own == key
+    assert key.encode() not in child and b"PYTHONPATH=" in child  # the job's own variables do reach it
 
 
 def test_resume_with_changed_settings_is_refused_before_ray(run, toy):

@@ -4,9 +4,12 @@ engine started from it does too), the merged export answers like base + adapter,
 resumed from an exported adapter ends where an uninterrupted one does; Ray Serve answers from the
 adapter on its base model."""
 
+import json
 import math
 import time
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -23,6 +26,7 @@ from spin_ray.loss import spin_loss
 from spin_ray.serve.app import serve_models
 
 LORA = ("train.lora.r=8", "train.lora.alpha=16")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def seeded_adapter(base_dir, out, seed: int):
@@ -190,30 +194,43 @@ def test_serve_answers_from_the_adapter_on_its_base_model(trained, toy, tok):
         serve.shutdown()
 
 
-def test_lora_job_exports_adapters_and_merged_and_resumes_from_an_adapter(ray_session, toy, tmp_path, capsys):
-    """The whole job with LoRA: iteration 1, then the same run dir with spin.iterations=2. The
-    resumed job's engines start from p_1's adapter and its trainer from p_1 as policy and
-    reference: the engines' log-probs of what they sample equal the trainer's p_1 ones."""
-    from helpers import repeated_records_file, toy_config
-
+def test_lora_job_on_a_real_model_exports_adapters_and_merged_and_resumes(ray_session, tmp_path, capsys):
+    """The whole job with LoRA on SmolLM2-135M-Instruct (model.path=smollm2, greedy): iteration 1,
+    then the same run dir with spin.iterations=2. The resumed job's engines start from p_1's adapter
+    and its trainer from p_1 as policy and reference: the engines' log-probs of what they sample
+    equal the trainer's p_1 ones, and their greedy answers are HF + PEFT greedy of that adapter."""
     from spin_ray.driver.console import header
     from spin_ray.driver.job import run_job
     from spin_ray.driver.prepare import prepare
+    from spin_ray.smollm2 import smollm2_world
+    from spin_ray.toy import read_jsonl
     from spin_ray.tracking import read_metrics
 
-    train, out = repeated_records_file(toy, tmp_path / "train.jsonl"), tmp_path / "run"
+    world, out = smollm2_world(0), tmp_path / "run"
+    for name, records in (("train", read_jsonl(world.train_path)[:8]), ("eval", read_jsonl(world.eval_path)[:2])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     for iterations in (1, 2):
-        overrides = ("train.lora.r=16", "train.lora.export_merged=true", f"spin.iterations={iterations}")
-        cfg = toy_config(out, train, *overrides, "run.wandb_mode=disabled")
+        overrides = [f"data.{name}_path={tmp_path / name}.jsonl" for name in ("train", "eval")]
+        overrides += ["generation.temperature=0", "train.lora.export_merged=true", f"spin.iterations={iterations}"]
+        cfg = load_config(
+            ROOT / "configs" / "smollm2.yaml", [f"run.output_dir={out}", "run.wandb_mode=disabled", *overrides]
+        )
         prepared = prepare(cfg)
         run_job(cfg, prepared)
     console = capsys.readouterr().out
-    assert "a LoRA adapter, r=16 on all-linear: 47,104 of 138,048 parameters" in header(cfg, prepared)
+    assert "a LoRA adapter, r=16 on all-linear: 4,884,480 of 134,515,008 parameters" in header(cfg, prepared)
     assert "[resume] iterations 1..1 are done" in console
     rows = {r["iteration"]: r for r in read_metrics(out) if "train/loss" in r}
     adapter_bytes = sum(f.stat().st_size for f in (out / "iter_1" / "model").glob("adapter_*"))
-    assert rows[1]["sync/bytes"] == adapter_bytes and rows[1]["train/trainable_params"] == 47_104
+    assert rows[1]["sync/bytes"] == adapter_bytes and rows[1]["train/trainable_params"] == 4_884_480
     assert rows[2]["gen/logprob_mismatch"] < 1e-4  # engines and trainer resumed on the same p_1
     for t in (1, 2):
         assert (out / f"iter_{t}" / "model" / "adapter_model.safetensors").exists()
         assert (out / f"iter_{t}" / "merged" / "model.safetensors").exists()
+    tok = AutoTokenizer.from_pretrained(world.model_dir)
+    pairs = pq.read_table(out / "iter_2" / "pairs").to_pylist()
+    prompts, max_tokens = [r["prompt_ids"] for r in pairs], cfg.generation.max_tokens
+    p1 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(world.model_dir), out / "iter_1" / "model")
+    assert [r["generated_ids"] for r in pairs] == hf_greedy(p1.eval(), tok, prompts, max_tokens)
+    merged = AutoModelForCausalLM.from_pretrained(out / "iter_1" / "merged").eval()
+    assert hf_greedy(merged, tok, prompts, max_tokens) == [r["generated_ids"] for r in pairs]

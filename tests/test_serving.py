@@ -78,7 +78,7 @@ def server(toy_run, toy, tmp_path_factory):
         console = log.read_text().splitlines()
         assert console[0] == f"starting spin-iter-1, spin-iter-3 on a local Ray; the libraries' output: {library}"
         assert any(line.startswith(f"serving spin-iter-1, spin-iter-3 at {url} (up in ") for line in console)
-        assert console[-1] == "stopping: Serve shuts down" and len(console) < 30, console
+        assert console[-1] == "stopping: Serve shut down" and len(console) < 30, console
         assert "Deployment Options" in library.read_text()
     finally:
         if proc.poll() is None:  # failed before its clean stop: its whole session, by our own PID
@@ -179,6 +179,75 @@ def test_live_endpoint_answers_from_the_weights_of_each_swap(toy_run, toy):
     assert len(answers) >= 3, answers  # several swaps observed while the job ran
     for t, texts in answers.items():
         assert texts == {hf_greedy_text(out / f"iter_{t}" / "model" if t else toy.model_dir, LIVE_QUESTION)}, t
+
+
+def test_a_serve_config_app_is_refused_keyless_on_a_non_loopback_host(toy, monkeypatch):
+    """build(), a Serve config file's app (a RayService binds 0.0.0.0), reads the host from the
+    running Serve and refuses before any deployment is made when the key variable is missing."""
+    from types import SimpleNamespace
+
+    from ray.serve.config import HTTPOptions
+
+    from spin_ray.serve import app
+
+    args = {"path": str(toy.model_dir), "overrides": ["serve.max_prompt_tokens=64"]}
+    built = []
+    monkeypatch.setattr(app, "application", lambda *args: built.append(args[-1]))  # the key it got
+    for host, key, refused in (("0.0.0.0", None, True), ("127.0.0.1", None, False), ("0.0.0.0", KEY, False)):
+        running = SimpleNamespace(http_config=HTTPOptions(host=host))
+        monkeypatch.setattr("ray.serve.context._get_global_client", lambda **_: running)  # noqa: B023 - used at once
+        if key:
+            monkeypatch.setenv("SPIN_SERVE_API_KEY", key)
+        else:
+            monkeypatch.delenv("SPIN_SERVE_API_KEY", raising=False)
+        if refused:
+            with pytest.raises(ValueError, match="host 0.0.0.0 exposes the endpoint beyond this machine"):
+                app.build(args)
+        else:
+            app.build(args)
+    assert built == [None, KEY]
+
+
+def test_stopping_deletes_our_app_alone_and_serve_only_where_we_started_it(ray_session):
+    """A cluster's Serve, with another app, stays when ours stops (serve.shutdown() removed every
+    app); a Serve we started goes with our app. serve_host(), called in a task as a Serve config's
+    build is, reads the running Serve's host."""
+    import ray
+    from ray import serve
+
+    from spin_ray.serve.app import running_serve, serve_host, stop_app
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    def hello() -> str:
+        return "hello"
+
+    serve.shutdown()  # this test's own Ray: a clean slate
+    serve.start(http_options={"host": "127.0.0.2", "port": free_port()})  # someone else's Serve
+    serve.run(hello.bind(), name="other", route_prefix="/other")
+    started = running_serve() is None
+    serve.run(hello.bind(), name="spin", route_prefix="/spin")
+    assert ray.get(ray.remote(serve_host).remote()) == "127.0.0.2"
+    assert stop_app("spin", started) == "app spin deleted; Serve runs on for the cluster's other apps"
+    assert set(serve.status().applications) == {"other"}
+    serve.shutdown()
+    started = running_serve() is None
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    serve.run(hello.bind(), name="spin", route_prefix="/spin")
+    assert stop_app("spin", started) == "Serve shut down" and running_serve() is None
+
+
+def test_an_engine_core_that_fails_to_start_is_pointed_to(toy, tmp_path):
+    """vLLM's engine core runs in a process of its own: the deployment's message says only "See root
+    cause above"; the console names the replica's log where the engine core wrote that cause."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, str(ROOT / "jobs" / "serve.py"), str(toy.model_dir), "--port", str(free_port())]
+    command += ["serve.max_prompt_tokens=32", "serve.max_tokens=8", "generation.kv_cache_gib=0.000001"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1 and "Engine core initialization failed" in proc.stdout, proc.stdout
+    (line,) = [line for line in proc.stdout.splitlines() if "engine core says why in" in line]
+    log = Path(line.split(" says why in ")[1])
+    assert "No available memory for the cache blocks" in log.read_text(), line
+    assert proc.stdout.splitlines()[-1] == "stopping: Serve shut down"  # its own Ray's Serve: all of it
 
 
 def test_cli_refuses_what_it_cannot_serve_before_starting_anything(tmp_path, toy_run):

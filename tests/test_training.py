@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from spin_ray.pairs import pair_stream
+from spin_ray.private import object_store_bytes
 from spin_ray.trainer.supervisor import TrainerError
 
 
@@ -38,7 +39,15 @@ def test_zero3_exact_first_step_export_and_same_workers(ray_session, toy, pairs,
         assert step1["rewards/margins"] == 0
         assert first.logs[1]["loss"] < math.log(2)  # step 2 moved away from the reference
 
-        trainer.export(1, tmp_path / "iter_1" / "model", lambda: None)
+        in_store = object_store_bytes()
+        weights = trainer.export(1, tmp_path / "iter_1" / "model", lambda: None)
+        # Once the coordinator has the packed model, no copy of it stays in the store (rank 0 held
+        # one through the next iteration: the whole model pinned while it trains).
+        size, deadline = len(weights), time.time() + 10
+        del weights
+        while object_store_bytes() > in_store + size // 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert object_store_bytes() <= in_store + size // 2
         exported_real, exported_gen = hf_logps(tmp_path / "iter_1" / "model", pairs)
         assert np.abs(exported_real - real).max() > 1e-3  # training changed the weights
 

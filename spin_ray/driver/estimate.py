@@ -82,18 +82,18 @@ class Iteration:
 def schedule(cfg: Config, prompts: int) -> list[Iteration]:
     """Steps per iteration as training.py takes them. Iteration t (0-based) trains on prompts x
     (1 + min(t, spin.mix_previous)) pairs; Trainer.train splits them equally over the ranks,
-    dropping the remainder; each rank runs ceil(rows / batch_size) micro batches per epoch.
-    DeepSpeed steps the optimizer whenever its job-wide micro-step count reaches a multiple of
-    grad_accum, so micro batches left over at an iteration's end count toward the next one."""
+    dropping the remainder; each rank runs ceil(rows / batch_size) micro batches per epoch,
+    grad_accum to an optimizer step and an epoch's leftover as one smaller step at its end
+    (spin_ray.trainer.ds.accumulation), so every iteration ends on an optimizer step."""
     t = cfg.train
-    iterations, done = [], 0
+    iterations = []
     for i in range(cfg.spin.iterations):
         pairs = prompts * (1 + min(i, cfg.spin.mix_previous))
         per_rank = pairs // t.num_workers
-        micro = math.ceil(per_rank / t.batch_size) * t.epochs
-        steps = (done + micro) // t.grad_accum - done // t.grad_accum
-        iterations.append(Iteration(pairs, per_rank, micro, steps))
-        done += micro
+        per_epoch = math.ceil(per_rank / t.batch_size)
+        iterations.append(
+            Iteration(pairs, per_rank, per_epoch * t.epochs, math.ceil(per_epoch / t.grad_accum) * t.epochs)
+        )
     return iterations
 
 

@@ -77,6 +77,9 @@ def _workload(cfg: Config, prepared: Prepared, shape: Shape) -> list[str]:
         f"vocab {shape.vocab}",
         f"data         {prompts:,} training prompts, {len(prepared.eval):,} held-out; mean prompt {prompt_len:.1f}, "
         f"real response {real_len:.1f} tokens",
+        f"limits       prompt <= {cfg.data.max_prompt_tokens}, real answer <= {cfg.data.max_response_tokens}, y' <= "
+        f"{g.max_tokens} new tokens; engines' context {prepared.max_model_len}",
+        *(f"{'':13}{why}" for why in prepared.limits),
         f"iterations   {cfg.spin.iterations}; pairs of iteration t: prompts x (1 + min(t-1, {cfg.spin.mix_previous})), "
         f"{t.epochs} epoch(s)",
         f"batch        {t.batch_size * t.grad_accum * t.num_workers} pairs per optimizer step = {t.batch_size} "
@@ -97,10 +100,6 @@ def _workload(cfg: Config, prepared: Prepared, shape: Shape) -> list[str]:
         lines.append(
             f"  {label:<11}{it.pairs:,} pairs, {it.per_rank:,} per rank: {it.micro_steps} micro, "
             f"{it.optimizer_steps} optimizer steps; ~{_count(it.pairs * row_len)} tokens through the policy"
-        )
-    if any(it.micro_steps % t.grad_accum for it in steps):
-        lines.append(
-            f"{'':13}note: train.grad_accum={t.grad_accum} does not divide the micro steps: leftovers carry over"
         )
     if cfg.spin.objective == "sft":
         lines.append("generate     nothing: spin.objective=sft trains on the real answers (engines evaluate only)")

@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from spin_ray.chat import model_stop_ids
 from spin_ray.config import GenerationConfig
 from spin_ray.logs import name_log
 from spin_ray.lora import adapter_files, engine_targets, is_adapter, split, write_adapter
@@ -41,6 +42,8 @@ class Engine:
             **targets,
         )
         self.cfg = cfg
+        # Answers end where the real answers y were cut (spin_ray.data), so y' = y can hold.
+        self.stops = model_stop_ids(self.llm.get_tokenizer(), base)
         self.serving = model_path  # the checkpoint whose weights answer now (for the live endpoint)
         self.lora: Any = None  # the adapter every request uses (LoRA runs after p_0), a vLLM LoRARequest
         self.adapters = Path(tempfile.mkdtemp(prefix="spin-ray-adapters-"))
@@ -66,9 +69,10 @@ class Engine:
         self, batch: dict[str, list], greedy: bool = False, max_tokens: int | None = None, stop: list[str] | None = None
     ) -> dict[str, list]:
         """Samples one response per row of `prompt_ids` (seeded per row by `seed`), of at most
-        `max_tokens` (generation.max_tokens), ending at EOS or at one of the `stop` strings.
+        `max_tokens` (generation.max_tokens), ending at a stop token (spin_ray.data.stop_token_ids)
+        or at one of the `stop` strings.
 
-        `generated_ids` end with EOS when the response finished there; `generated` is the text;
+        `generated_ids` end with the stop token when the response finished at one; `generated` the text;
         `generated_logps` the log-prob of each of its tokens under the engine's weights (vLLM's
         raw log-probs: before temperature or top-p), which training checks against its own.
         """
@@ -81,6 +85,7 @@ class Engine:
                 top_p=c.top_p,
                 max_tokens=max_tokens or c.max_tokens,
                 stop=stop,
+                stop_token_ids=self.stops,
                 seed=int(s),
                 logprobs=0,  # the sampled token's only
             )

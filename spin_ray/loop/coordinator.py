@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import json
+import os
 import resource
 import shutil
 import threading
@@ -67,7 +68,11 @@ def streaming_allocators() -> None:
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, prepared: Prepared, marks: dict[str, float] | None = None):
+    def __init__(
+        self, cfg: Config, prepared: Prepared, marks: dict[str, float] | None = None, wandb_key: str | None = None
+    ):
+        if wandb_key:  # in this process's environment alone: W&B runs here, and no process Ray starts inherits it
+            os.environ["WANDB_API_KEY"] = wandb_key
         self.cfg = cfg
         self.p = prepared
         # When each start-up step was done (epoch seconds), from the driver's launch on.
@@ -106,6 +111,7 @@ class Coordinator:
                 history.append(row.result())  # p_{t-1}'s row: evaluated before the swap, logged before p_t's
                 step = self._record_training(t, trained, step)  # + DONE: the resume point
                 synced = self.sync(t, sync, model_dir, weights)  # the engines serve p_t
+                del weights  # every engine has it: the packed p_t (a whole model) is not kept through t + 1
                 done = IterationDone(t, step, str(model_dir), generated, trained, synced, tick, trained_at)
                 row = self.beside(self._iteration_row, done, evaluate)
             history.append(row.result())
@@ -281,11 +287,12 @@ class Coordinator:
     def _start_row(self, t: int, evaluate: Evaluator, model_dir: str, step: int) -> dict[str, Any]:
         # The engines take work in order: the first pairs (which training waits for) go first.
         self.generating.wait()
-        row = {"iteration": t, **evaluate(t, model_dir)}
+        row = {"iteration": t} | ({"global_step": step} if t else {}) | evaluate(t, model_dir)
         self.marks["start_evaluated"] = time.time()
-        if t == 0:  # a resumed run logged this row when the iteration before ended
+        # A resumed run logged p_t's row beside iteration t + 1, unless it stopped first: DONE(t) comes before.
+        if not self.tracker.has_row(t):
             self.tracker.log(row, step=step)
-        else:  # its card, in case the run stopped before writing it
+        if t:  # its card, in case the run stopped before writing it
             self._card(t, row)
         return row
 

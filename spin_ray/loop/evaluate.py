@@ -3,7 +3,8 @@
 Three passes over the held-out prompts through the job's own engines (a fresh sample y' per
 prompt, both answers scored, a greedy answer), turned into numbers by spin_ray.metrics; then the
 lm-eval tasks of eval.lm_eval through the same engines (spin_ray.loop.harness), then the user's
-hooks.
+hooks. lm-eval and the hooks run after p_t is trained and exported: a failure there is reported
+and the run goes on without their numbers (rerunning would fail the same way).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from spin_ray.engines.client import Engines
 from spin_ray.loop.generate import answered, example_rows
 from spin_ray.loop.progress import Progress
 from spin_ray.lora import split
-from spin_ray.metrics import answer_metrics, load_hooks, run_hooks
+from spin_ray.metrics import answer_metrics, isolated, load_hooks, run_hooks
 from spin_ray.stages import Prepared
 
 
@@ -45,9 +46,10 @@ class Evaluator:
         from spin_ray.loop.harness import lm_eval_metrics
 
         lm, tasks = self.harness
+        scores = partial(lm_eval_metrics, lm, self.cfg.eval.lm_eval, tasks, self.cfg.run.seed)
         with self.progress.phase(t, "lm-eval", None, "requests") as advance:
             lm.advance, lm.done = advance, 0
-            return lm_eval_metrics(lm, self.cfg.eval.lm_eval, tasks, self.cfg.run.seed)
+            return isolated("lm-eval", t, self.progress.say, scores)
 
     def _held_out(self, t: int) -> dict[str, float]:
         if not self.p.eval:

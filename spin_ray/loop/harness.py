@@ -20,6 +20,8 @@ from spin_ray.config import GenerationConfig, LmEvalConfig
 from spin_ray.engines.client import Engines
 from spin_ray.loop.generate import answered
 
+LM_EVAL_MAX_GEN_TOKS = 256  # lm-eval's own models' default, for a model dir scored without a run's limits
+
 
 class EngineLM(LM):
     def __init__(self, engines: Engines, tokenizer: Any, cfg: GenerationConfig, max_model_len: int, batch_size: int):
@@ -75,7 +77,7 @@ class EngineLM(LM):
             until = kwargs.get("until") or []
             key = (
                 tuple([until] if isinstance(until, str) else until),
-                int(kwargs.get("max_gen_toks", self.g.max_tokens)),
+                int(kwargs.get("max_gen_toks") or self.g.max_tokens or LM_EVAL_MAX_GEN_TOKS),
             )
             groups.setdefault(key, []).append(i)
         texts = [""] * len(requests)

@@ -31,9 +31,10 @@ from spin_ray.engines.engine import engine_env, engine_kwargs
 from spin_ray.lora import engine_targets, is_adapter, split
 from spin_ray.private import local_adapter_loader, model_card
 from spin_ray.rundir import RunDir
-from spin_ray.serve.gateway import Gateway, key_digest
+from spin_ray.serve.gateway import Gateway, check_exposure, key_digest
 
 LORA_BASE = "spin-base"  # the served base model of a LoRA run; requests name its adapters
+APP = "spin"  # jobs/serve.py's Serve app (a Serve config file names its own)
 
 
 def load(
@@ -47,12 +48,16 @@ def load(
     stored = Path(path) / "config.yaml"
     cfg = load_config(stored if stored.exists() else None, list(overrides))
     models = checkpoints(path, iteration, merged)
+    contexts = [
+        getattr(AutoConfig.from_pretrained(split(str(d))[0]), "max_position_embeddings", None) for d in models.values()
+    ]
+    longest = min((c for c in contexts if c), default=None)
+    if prompt_limit(cfg) is None and longest:  # a model dir: no data to size prompts by, the model's context
+        cfg.serve.max_prompt_tokens = max(1, longest - cfg.serve.max_tokens)
+    if prompt_limit(cfg) is None:
+        raise ConfigError(f"{path}: the model names no context (max_position_embeddings): set serve.max_prompt_tokens")
     length = max_model_len(cfg)
-    longest = min(
-        getattr(AutoConfig.from_pretrained(split(str(d))[0]), "max_position_embeddings", length)
-        for d in models.values()
-    )
-    if length > longest:
+    if longest and length > longest:
         raise ConfigError(
             f"serve.max_prompt_tokens (or data.max_prompt_tokens) + serve.max_tokens = {length} exceeds "
             f"the model's max_position_embeddings ({longest}): lower them"
@@ -63,10 +68,47 @@ def load(
 def build(args: dict) -> Any:
     """The app of a Serve config file: `args` are `path` and optionally `iteration`, `merged` and
     `overrides` (a list of key=value), as jobs/serve.py takes them. The file's http_options give host
-    and port; the key comes from the variable serve.api_key_env names, in the cluster's environment."""
+    and port; the key comes from the variable serve.api_key_env names, in the cluster's environment.
+    Raises ValueError, before any deployment, where that key is missing and the host is not loopback
+    (a RayService's 0.0.0.0): the gateway's Host rule alone would guard it, and clients set Host."""
     iteration, merged = str(args.get("iteration", "latest")), bool(args.get("merged", False))
     cfg, models, length = load(args["path"], iteration, merged, args.get("overrides", []))
-    return application(models, cfg, length, os.environ.get(cfg.serve.api_key_env))
+    api_key = os.environ.get(cfg.serve.api_key_env)
+    if (host := serve_host()) is not None:  # None: Serve runs no HTTP proxy, nothing listens
+        check_exposure(host, api_key, cfg.serve.api_key_env)
+    return application(models, cfg, length, api_key)
+
+
+def serve_host() -> str | None:
+    """The address Serve's HTTP proxies bind: the running Serve's (a config file's http_options,
+    set before its apps are built), else the default Serve would start with."""
+    from ray.serve.config import HTTPOptions
+
+    client = running_serve()
+    return (client.http_config if client else HTTPOptions()).host
+
+
+def running_serve() -> Any:
+    """The running Serve's controller client; None where no Serve runs on this Ray. Ray 2.60 has no
+    public API for whether Serve runs or for its HTTP options (`serve.status()` leaves them out)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False)
+
+
+def stop_app(name: str, started: bool) -> str:
+    """Deletes app `name`, and Serve itself where `started` (no Serve ran before ours) and no other
+    app is left; returns what it did. On a shared cluster `serve.shutdown()` would remove every app;
+    a Serve of ours left behind would keep its HTTP port, and ignore the next start's."""
+    from ray import serve
+
+    if running_serve() is None:
+        return "Serve was not running"
+    serve.delete(name)
+    if started and not serve.status().applications:
+        serve.shutdown()
+        return "Serve shut down"
+    return f"app {name} deleted; Serve runs on for the cluster's other apps"
 
 
 def checkpoints(path: str | Path, iteration: str = "latest", merged: bool = False) -> dict[str, Path]:
@@ -136,7 +178,7 @@ def llm_config(name: str, model_dir: Path, cfg: Config, max_model_len: int, adap
 def serve_models(models: dict[str, Path], cfg: Config, max_model_len: int, api_key: str | None) -> str:
     """Deploys every model behind one gateway on cfg.serve.host:port; returns the base URL. With
     serve.direct_ingress, Ray must have started after choose_ingress(cfg, ...)."""
-    return _run(cfg, application(models, cfg, max_model_len, api_key), "spin", bool(cfg.serve.direct_ingress))
+    return _run(cfg, application(models, cfg, max_model_len, api_key), APP, bool(cfg.serve.direct_ingress))
 
 
 def application(models: dict[str, Path], cfg: Config, max_model_len: int, api_key: str | None) -> Any:
@@ -176,13 +218,16 @@ def live_endpoint(
     (nothing to stop when serve.live is off)."""
     if not cfg.serve.live:
         return lambda: None
-    from ray import serve
-
     app = _gateway(cfg).bind(
         model_dirs={"spin-live": model_dir}, limits=_limits(cfg), key_digest=digest, engines=engines
     )
+    started = running_serve() is None
     say(f"live endpoint: {_run(cfg, app, 'spin-live')} (model spin-live, answers name their iteration)")
-    return lambda: serve.delete("spin-live")
+
+    def stop() -> None:
+        stop_app("spin-live", started)
+
+    return stop
 
 
 def _gateway(cfg: Config) -> Any:
@@ -201,7 +246,7 @@ def max_model_len(cfg: Config) -> int:
     return cfg.generation.max_model_len or prompt_limit(cfg) + cfg.serve.max_tokens
 
 
-def prompt_limit(cfg: Config) -> int:
+def prompt_limit(cfg: Config) -> int | None:
     return cfg.serve.max_prompt_tokens or cfg.data.max_prompt_tokens
 
 

@@ -218,6 +218,8 @@ class Gateway:
         (an error response or None, the prompt's token ids)."""
         names = sorted(self.tokenizers)
         model = body.get("model", names[0] if len(names) == 1 else None)
+        if not isinstance(model, str):  # a list or dict is not even hashable: `in` would raise, a 500
+            return error(400, f"model must be a string, one of {names}", "invalid_request_error", "model"), []
         if model not in self.tokenizers:
             return error(
                 404,
@@ -228,20 +230,23 @@ class Gateway:
             ), []
         body["model"] = model
         limit = self.limits["max_tokens"]
-        max_tokens = body.pop("max_completion_tokens", None) or body.get("max_tokens") or limit
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
-            return error(
-                400, f"max_tokens must be an integer in [1, {limit}]", "invalid_request_error", "max_tokens"
-            ), []
-        body["max_tokens"] = max_tokens
-        for param, low, high in (("temperature", 0.0, 2.0), ("top_p", 1e-9, 1.0)):
-            value = body.get(param)
-            if value is not None and (not isinstance(value, int | float) or not low <= value <= high):
-                return error(
-                    400, f"{param} must be a number in [{low:g}, {high:g}]", "invalid_request_error", param
-                ), []
-        if body.get("n", 1) != 1:
-            return error(400, "only n=1 is supported", "invalid_request_error", "n"), []
+        for param, low, high, integer in (
+            ("max_completion_tokens", 1, limit, True),
+            ("max_tokens", 1, limit, True),
+            ("n", 1, 1, True),
+            ("temperature", 0.0, 2.0, False),
+            ("top_p", 1e-9, 1.0, False),
+        ):
+            if problem := _out_of_range(param, body.get(param), low, high, integer):
+                return problem, []
+        # Serve LLM's request model would take 1 or "yes" for true.
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):
+            return error(400, "stream must be true or false", "invalid_request_error", "stream"), []
+        # Null or absent means the limit; 0 is refused above (`or` took it for unset).
+        max_tokens = body.pop("max_completion_tokens", None)
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        body["max_tokens"] = limit if max_tokens is None else max_tokens
         try:
             tokenizer = self.tokenizers[model]
             if kind == "chat":
@@ -256,6 +261,18 @@ class Gateway:
             message = f"the prompt has {len(ids)} tokens; this server takes at most {self.limits['max_prompt_tokens']}"
             return error(400, message, "invalid_request_error", "messages", "context_length_exceeded"), []
         return None, ids
+
+
+def _out_of_range(param: str, value: Any, low: float, high: float, integer: bool) -> Any:
+    """The 400 for a number outside [low, high] or not a JSON number (null: unset, none); a bool
+    is an int to Python, so `true` would pass as 1."""
+    kinds = (int,) if integer else (int, float)
+    if value is None or (type(value) in kinds and low <= value <= high):
+        return None
+    if low == high:
+        return error(400, f"only {param}={low:g} is supported", "invalid_request_error", param)
+    kind = "an integer" if integer else "a number"
+    return error(400, f"{param} must be {kind} in [{low:g}, {high:g}]", "invalid_request_error", param)
 
 
 def _completion_prompt(prompt: Any, tokenizer: Any) -> list[int]:
@@ -310,8 +327,8 @@ def check_exposure(host: str, api_key: str | None, env: str) -> None:
     """A keyless endpoint is for this machine only: anyone who can reach it could use the engines."""
     if not api_key and host not in ("localhost", "127.0.0.1", "::1"):
         raise ValueError(
-            f"serve.host={host} exposes the endpoint beyond this machine without a key: set {env} to a bearer "
-            "key, or keep serve.host=127.0.0.1"
+            f"host {host} exposes the endpoint beyond this machine without a key: set {env} to a bearer key, "
+            "or bind 127.0.0.1 (serve.host; in a Serve config file, http_options.host)"
         )
 
 

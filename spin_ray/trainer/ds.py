@@ -1,10 +1,12 @@
-"""DeepSpeed's side of a train rank: its config, the lr schedule, and the CPU op built once."""
+"""DeepSpeed's side of a train rank: its config, the accumulation plan, the lr schedule, and the
+CPU op built once."""
 
 from __future__ import annotations
 
 import math
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from spin_ray.config import Config
@@ -28,6 +30,24 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
     }
+
+
+@dataclass(frozen=True)
+class Micro:
+    """Where one micro batch of an iteration goes."""
+
+    step: int  # the iteration's optimizer step (0-based) its gradient is part of
+    group: int  # the micro batches that step sums: grad_accum, or fewer for an epoch's last step
+    last: bool  # that step's last micro batch: the optimizer steps after it (a DeepSpeed boundary)
+
+
+def accumulation(per_epoch: int, epochs: int, grad_accum: int) -> list[Micro]:
+    """One iteration's micro batches, grouped into optimizer steps as HF Trainer (and so TRL)
+    groups them: grad_accum at a time, and an epoch's leftover as one smaller step at its end.
+    Every iteration thus ends on an optimizer step: no gradient is left out of the exported p_t
+    or carried into the next iteration (DeepSpeed's own count runs over the whole job)."""
+    groups = [min(grad_accum, per_epoch - first) for first in range(0, per_epoch, grad_accum)] * epochs
+    return [Micro(step, size, i == size - 1) for step, size in enumerate(groups) for i in range(size)]
 
 
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float, schedule: str) -> float:

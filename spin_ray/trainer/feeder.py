@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 import pyarrow as pa
@@ -18,8 +18,9 @@ class Feeder:
     If the stream fails, the ranks are told to stop and `check` raises the cause."""
 
     MAX_STEPS = 64
+    POLL_S = 0.1  # how soon a thread waiting on the queue sees `stop`
 
-    def __init__(self, channel: Any, generation: int, steps: Iterator[list[pa.Table]]):
+    def __init__(self, channel: Any, generation: int, steps: Generator[list[pa.Table], None, None]):
         self.channel, self.generation = channel, generation
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -27,18 +28,41 @@ class Feeder:
         threading.Thread(target=self._make, args=(steps,), daemon=True).start()
         threading.Thread(target=self._send, daemon=True).start()
 
-    def _make(self, steps: Iterator[list[pa.Table]]) -> None:
+    def _make(self, steps: Generator[list[pa.Table], None, None]) -> None:
         try:
             for step in steps:
-                self._made.put(step)
+                if not self._put(step):
+                    return
         except BaseException as e:  # noqa: BLE001 - raised in the coordinator by `check`
             self.error = e
-        self._made.put(None)
+        finally:
+            steps.close()  # on this thread, which runs it: its open file closes now, not at garbage collection
+        self._put(None)
+
+    def _put(self, step: list[pa.Table] | None) -> bool:
+        """Queues a step for the sender; False once stopped. The sender may be gone (its group
+        restarted): a plain put would wait forever on a full queue."""
+        while not self._stop.is_set():
+            try:
+                self._made.put(step, timeout=self.POLL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def _send(self) -> None:
+        try:
+            self._send_all()
+        finally:
+            self._stop.set()  # nothing takes the maker's steps any more: it ends too
+
+    def _send_all(self) -> None:
         end = False
         while not end and not self._stop.is_set():
-            steps = [self._made.get()]
+            try:
+                steps = [self._made.get(timeout=self.POLL_S)]
+            except queue.Empty:
+                continue
             while len(steps) < self.MAX_STEPS and not self._made.empty():
                 steps.append(self._made.get())
             end = steps[-1] is None  # the stream's end mark, only ever last
@@ -56,4 +80,7 @@ class Feeder:
             raise self.error
 
     def stop(self) -> None:
+        """Ends both threads, without waiting for them (the maker may be inside the stream, waiting
+        for its next pairs): the sender before its next message, the maker before its next step,
+        closing the stream and so the file it reads."""
         self._stop.set()

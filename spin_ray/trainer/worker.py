@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -29,10 +28,11 @@ from spin_ray.lora import adapter_files
 from spin_ray.loss import sft_loss, spin_loss, spin_metrics, token_logps
 from spin_ray.pairs import LOGPS
 from spin_ray.private import zero3_full_state_dict
+from spin_ray.rundir import replace_dir
 from spin_ray.stages import Trained, distinct_only
 from spin_ray.trainer.adapter import AdapterSnapshot, adapter_state, load_policy
 from spin_ray.trainer.channel import Failure
-from spin_ray.trainer.ds import build_cpu_ops, deepspeed_config, lr_at
+from spin_ray.trainer.ds import accumulation, build_cpu_ops, deepspeed_config, lr_at
 from spin_ray.weights import Spec, pack, send_buckets, weight_group
 
 
@@ -152,10 +152,19 @@ class SpinWorker:
             inner = inner.optimizer
         inner.state.clear()
 
-    def step_batch(self, rows: dict[str, Any]) -> dict[str, float]:
-        """One micro batch of pairs: real and generated in one forward pass."""
+    def _update(self, loss: torch.Tensor, group: int) -> None:
+        """Adds a micro batch's gradient to its optimizer step, taken at the boundary `train` set.
+        Each of the step's `group` micro batches counts 1/group, as HF Trainer scales them: an
+        epoch's last, smaller step is a mean like the others, not group/grad_accum of one (so
+        DeepSpeed's own 1/grad_accum is off)."""
+        self.engine.backward(loss / group, scale_wrt_gas=False)
+        self.engine.step()
+
+    def step_batch(self, rows: dict[str, Any], group: int = 1) -> dict[str, float]:
+        """One micro batch of pairs, one of the `group` in its optimizer step: real and generated
+        in one forward pass."""
         if self.cfg.spin.objective == "sft":
-            return self.sft_step(rows)
+            return self.sft_step(rows, group)
         n = len(rows["prompt_ids"])
         batch = self._batch(rows["prompt_ids"] * 2, rows["real_ids"] + rows["generated_ids"])
         if self.reference is not None:
@@ -173,21 +182,19 @@ class SpinWorker:
         losses, real_rewards, generated_rewards = spin_loss(
             policy[:n], policy[n:], ref_real, ref_generated, self.cfg.spin.beta, self.cfg.spin.loss_type
         )
-        self.engine.backward(losses.mean())
-        self.engine.step()
+        self._update(losses.mean(), group)
         identical = torch.tensor(
             [list(r) == list(g) for r, g in zip(rows["real_ids"], rows["generated_ids"], strict=True)]
         )
         lengths = batch["response_mask"].sum(-1).split(n)
         return spin_metrics(losses, real_rewards, generated_rewards, policy[:n], policy[n:], identical, lengths)
 
-    def sft_step(self, rows: dict[str, Any]) -> dict[str, float]:
+    def sft_step(self, rows: dict[str, Any], group: int = 1) -> dict[str, float]:
         """One micro batch of the baseline: the real answers only, no reference."""
         batch = self._batch(rows["prompt_ids"], rows["real_ids"])
         logps = self._logps(self.engine, batch).sum(-1)
         loss = sft_loss(logps, batch["response_mask"][:, 1:].sum(-1))
-        self.engine.backward(loss)
-        self.engine.step()
+        self._update(loss, group)
         return {"loss": loss.item(), "logps/real": logps.detach().mean().item(), "pairs": float(len(logps))}
 
     def _mean_over_ranks(self, metrics: list[dict[str, float]]) -> dict[str, float]:
@@ -210,18 +217,20 @@ class SpinWorker:
         self.mismatch = torch.zeros(3, dtype=torch.float64)
         self.first_step = self.engine.global_steps
         per_epoch = math.ceil(rows_per_rank / t.batch_size)
-        micro_steps = per_epoch * t.epochs
-        total_steps = max(1, micro_steps // t.grad_accum)
+        plan = accumulation(per_epoch, t.epochs, t.grad_accum)
+        micro_steps, total_steps = len(plan), sum(at.last for at in plan)
         start = time.perf_counter()
         logs, window = [], []
-        for micro, rows in enumerate(self.fed_batches(micro_steps), start=1):
-            lr = lr_at((micro - 1) // t.grad_accum, total_steps, t.lr, t.warmup_ratio, t.schedule)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            window.append(self.step_batch(rows))
+        for micro, (at, rows) in enumerate(zip(plan, self.fed_batches(micro_steps), strict=True), start=1):
+            lr = lr_at(at.step, total_steps, t.lr, t.warmup_ratio, t.schedule)
+            for param_group in self.optimizer.param_groups:
+                param_group["lr"] = lr
+            # Set on every micro batch: DeepSpeed would otherwise step by its job-wide micro count.
+            self.engine.set_gradient_accumulation_boundary(at.last)
+            window.append(self.step_batch(rows, at.group))
             self.beat(
                 f"training iteration {iteration}, micro-batch {micro}/{micro_steps}",
-                (micro // t.grad_accum, total_steps),
+                (at.step + int(at.last), total_steps),
             )
             if micro % t.log_every == 0 or micro == micro_steps:
                 line = {"iteration": iteration, "step": micro, "epoch": (micro - 1) // per_epoch, "lr": lr}
@@ -270,9 +279,7 @@ class SpinWorker:
         tmp = final.with_name(final.name + ".tmp")
         self.engine.module.save_pretrained(tmp, state_dict=state)  # a LoRA run's: PEFT's adapter files
         self.tokenizer.save_pretrained(tmp)
-        if final.exists():  # left by an export whose reply was lost to a restart
-            shutil.rmtree(final)
-        tmp.rename(final)  # atomic: a crash never leaves a half-written checkpoint behind
+        replace_dir(tmp, final)  # over any final left by an export whose reply a restart lost
         self.exported(str(final), iteration)
         if not pack_weights:
             return None
@@ -332,3 +339,6 @@ def worker_loop(config: dict[str, Any]) -> None:
             in_collective = any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in frames[-3:])
             result = Failure(f"rank {rank} failed in {name}:\n{traceback.format_exc()}", in_collective)
         ray.get(channel.reply.remote(rank, task.id, result))
+        # The reply's ObjectRef (a packed p_t) reaches the coordinator as bytes: the store's copy
+        # must not stay pinned here until the next task, the whole of iteration t+1.
+        del result
