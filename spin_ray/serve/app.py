@@ -202,7 +202,7 @@ def application(models: dict[str, Path], cfg: Config, max_model_len: int, api_ke
         cards = {name: model_card(name, c) for name, c in configs.items()}
     return _gateway(cfg).bind(
         model_dirs={name: str(d) for name, d in models.items()},
-        limits=_limits(cfg),
+        limits=_limits(cfg, max_model_len),
         key_digest=key_digest(api_key),
         llm_deployments=deployments,
         model_cards=cards,
@@ -219,7 +219,7 @@ def live_endpoint(
     if not cfg.serve.live:
         return lambda: None
     app = _gateway(cfg).bind(
-        model_dirs={"spin-live": model_dir}, limits=_limits(cfg), key_digest=digest, engines=engines
+        model_dirs={"spin-live": model_dir}, limits=_limits(cfg, max_model_len(cfg)), key_digest=digest, engines=engines
     )
     started = running_serve() is None
     say(f"live endpoint: {_run(cfg, app, 'spin-live')} (model spin-live, answers name their iteration)")
@@ -250,11 +250,12 @@ def prompt_limit(cfg: Config) -> int | None:
     return cfg.serve.max_prompt_tokens or cfg.data.max_prompt_tokens
 
 
-def _limits(cfg: Config) -> dict[str, int]:
+def _limits(cfg: Config, length: int) -> dict[str, int]:
+    """The gateway's limits; a prompt may take what the engines' `length` leaves when no limit is set."""
     s = cfg.serve
     return {
         "max_tokens": s.max_tokens,
-        "max_prompt_tokens": prompt_limit(cfg),
+        "max_prompt_tokens": prompt_limit(cfg) or max(1, length - s.max_tokens),
         "max_body_bytes": s.max_body_kb * 1024,
         "max_concurrency": s.max_concurrency,
     }
