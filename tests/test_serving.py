@@ -236,6 +236,7 @@ def test_stopping_deletes_our_app_alone_and_serve_only_where_we_started_it(ray_s
     assert stop_app("spin", started) == "Serve shut down" and running_serve() is None
 
 
+@pytest.mark.e2e  # jobs/serve.py starts a Ray of its own and an engine
 def test_an_engine_core_that_fails_to_start_is_pointed_to(toy, tmp_path):
     """vLLM's engine core runs in a process of its own: the deployment's message says only "See root
     cause above"; the console names the replica's log where the engine core wrote that cause."""
