@@ -42,7 +42,7 @@ class Engine:
             **targets,
         )
         self.cfg = cfg
-        # Answers end where the real answers y were cut (spin_ray.data), so y' = y can hold.
+        # Answers end where the real answers y were cut (spin_ray.chat), so y' = y can hold.
         self.stops = model_stop_ids(self.llm.get_tokenizer(), base)
         self.serving = model_path  # the checkpoint whose weights answer now (for the live endpoint)
         self.lora: Any = None  # the adapter every request uses (LoRA runs after p_0), a vLLM LoRARequest
@@ -69,7 +69,7 @@ class Engine:
         self, batch: dict[str, list], greedy: bool = False, max_tokens: int | None = None, stop: list[str] | None = None
     ) -> dict[str, list]:
         """Samples one response per row of `prompt_ids` (seeded per row by `seed`), of at most
-        `max_tokens` (generation.max_tokens), ending at a stop token (spin_ray.data.stop_token_ids)
+        `max_tokens` (generation.max_tokens), ending at a stop token (spin_ray.chat.stop_token_ids)
         or at one of the `stop` strings.
 
         `generated_ids` end with the stop token when the response finished at one; `generated` the text;
