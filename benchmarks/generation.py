@@ -12,16 +12,16 @@ Models are random Llamas built here with the toy tokenizer; nothing comes from t
 
 import os
 
-# The engine actor runs vLLM in-process with one OMP thread (spin_ray.engines.engine.engine_env); the plain baseline
-# in this driver must run the same way. OMP_NUM_THREADS has to be set before torch is imported.
-os.environ.update(
-    {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "OMP_NUM_THREADS": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-)
+# The engine actor runs vLLM in-process with one OMP thread here (spin_ray.engines.engine.engine_env); the plain
+# baseline in this driver must run the same way. OMP_NUM_THREADS has to be set before torch is imported (a script
+# that imports this one with other threads sets them first).
+for name, value in {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "OMP_NUM_THREADS": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(name, value)
 os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # else 4 log lines per Ray Data run around the table
 
 import argparse  # noqa: E402
@@ -72,12 +72,12 @@ def make_prompts(n: int, vocab: int, seed: int = 0) -> pa.Table:
     return pa.table({"uid": uids, "prompt_ids": ids, "seed": [sample_seed(0, 0, u) for u in uids]})
 
 
-def local_engine(model_dir: Path, cfg: GenerationConfig) -> Any:
+def local_engine(model_dir: Path, cfg: GenerationConfig, max_model_len: int = MAX_MODEL_LEN) -> Any:
     """The engine class the actors run, built in this process: its vllm.LLM is the plain baseline,
     so the two paths can't drift apart in settings."""
     from spin_ray.engines.engine import Engine
 
-    return Engine(str(model_dir), "float32", cfg, MAX_MODEL_LEN, seed=0)
+    return Engine(str(model_dir), "float32", cfg, max_model_len, seed=0)
 
 
 def plain_run(local: Any, prompts: pa.Table, cfg: GenerationConfig, chunk: int) -> tuple[float, int]:

@@ -28,11 +28,13 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 QUIET = ["run.wandb_mode=disabled"]
+TOY = ROOT / "configs" / "toy.yaml"
 
 
-def job(out: Path, *overrides: str) -> dict[str, Any]:
+def job(out: Path, *overrides: str, config: Path | None = None) -> dict[str, Any]:
     """Runs jobs/spin.py; returns its summary, metrics rows, wall seconds and the driver's peak RSS."""
-    cmd = [PY, str(ROOT / "jobs" / "spin.py"), f"run.output_dir={out}", *QUIET, *overrides]
+    cmd = [PY, str(ROOT / "jobs" / "spin.py"), *(["--config", str(config)] if config else [])]
+    cmd += [f"run.output_dir={out}", *QUIET, *overrides]
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
@@ -149,46 +151,68 @@ def startup(tmp: Path) -> None:
     print(f"spin-ray / official on the same work: {bare / official_s:.2f}x")
 
 
-def official(out: Path, iterations: int = 3) -> float:
-    """Re-creates the official scripts' shape on the toy: per iteration, generation in a fresh
-    vLLM process, then training in fresh `torchrun` DeepSpeed processes that load p_{t-1} from
-    disk and save p_t; the same config, model code and data as the spin-ray job."""
-    from spin_ray.toy import toy_world
-
-    world = toy_world(0)
+def official(out: Path, config: Path = TOY, overrides: tuple[str, ...] = ()) -> float:
+    """Re-creates the official scripts' shape: per iteration, generation in a fresh vLLM process,
+    then training in fresh `torchrun` DeepSpeed processes that load p_{t-1} from disk and save p_t;
+    the same config, model code and data as the spin-ray job (full fine-tuning: the official
+    scripts train no adapter)."""
+    cfg = _official_config(out, str(config), list(overrides))
     start = time.time()
-    model = str(world.model_dir)
-    for t in range(1, iterations + 1):
-        pairs = out / f"iter_{t}" / "pairs.parquet"
-        pairs.parent.mkdir(parents=True, exist_ok=True)
+    model = str(builtin_model(cfg))
+    same = [str(out), str(config), *overrides]
+    for t in range(1, cfg.spin.iterations + 1):
+        (out / f"iter_{t}").mkdir(parents=True, exist_ok=True)
         # vLLM in-process, as spin-ray's CPU engines: half the start-up of its multiprocess default.
         env = os.environ | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHINDUCTOR_VEC_ISA_OK": "1"}
-        subprocess.run([PY, __file__, "_generate", model, str(pairs), str(t)], check=True, capture_output=True, env=env)
+        env["OMP_NUM_THREADS"] = str(max(1, int(cfg.generation.num_cpus)))
+        subprocess.run([PY, __file__, "_generate", model, str(t), *same], check=True, capture_output=True, env=env)
         model = str(out / f"iter_{t}" / "model")
-        torchrun = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29555"]
-        subprocess.run([*torchrun, __file__, "_train", str(out), str(t), model], check=True, capture_output=True)
+        ranks = f"--nproc_per_node={cfg.train.num_workers}"
+        torchrun = [PY, "-m", "torch.distributed.run", ranks, "--master_port=29555"]
+        subprocess.run([*torchrun, __file__, "_train", str(t), *same], check=True, capture_output=True)
         print(f"  official iteration {t} done at {time.time() - start:.1f} s", flush=True)
     return time.time() - start
 
 
-def _official_config(out: Path) -> Any:
+def official_vs_job(tmp: Path, config: Path, overrides: list[str]) -> None:
+    """The official workflow against the job on the same work (no held-out set: the official
+    scripts evaluate nothing)."""
+    overrides = [*overrides, "train.lora=null"]
+    official_s = official(tmp / "official", config, tuple(overrides))
+    cfg = _official_config(tmp / "job", str(config), overrides)
+    same = [f"model.path={builtin_model(cfg)}", f"data.train_path={cfg.data.train_path}"]
+    job_s = job(tmp / "job", *overrides, *same, config=config)["wall"]
+    print(f"official per-step workflow: {official_s:.1f} s; spin-ray job: {job_s:.1f} s: {job_s / official_s:.2f}x")
+
+
+def builtin_model(cfg: Any) -> Path:
+    """The start model; sets cfg.data.train_path to the built-in world's (no held-out set)."""
+    from spin_ray.driver.prepare import builtin_world
+
+    world = builtin_world(cfg)
+    cfg.data.train_path, cfg.data.eval_path = str(world.train_path), None
+    return world.model_dir
+
+
+def _official_config(out: Path, config: str, overrides: list[str]) -> Any:
     from spin_ray.config import load_config
 
-    return load_config(ROOT / "configs" / "toy.yaml", [f"run.output_dir={out}", "spin.stream=false"])
+    cfg = load_config(Path(config), [*overrides, f"run.output_dir={out}", "spin.stream=false", *QUIET])
+    builtin_model(cfg)
+    return cfg
 
 
-def _generate(model: str, pairs: str, t: int) -> None:
+def _generate(model: str, t: int, out: str, config: str, *overrides: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import LLM, TokensPrompt
 
+    from spin_ray.chat import model_stop_ids
     from spin_ray.driver.prepare import prepare
-    from spin_ray.loop.generate import sample_seed
 
-    cfg = _official_config(Path(pairs).parent.parent)
+    cfg = _official_config(Path(out), config, list(overrides))
     p = prepare(cfg)
     train = pq.read_table(p.train.path).to_pylist()
-    g = cfg.generation
     llm = LLM(
         model=model,
         dtype="float32",
@@ -199,15 +223,7 @@ def _generate(model: str, pairs: str, t: int) -> None:
         enable_chunked_prefill=False,
         max_num_batched_tokens=4096,
     )
-    params = [
-        SamplingParams(
-            temperature=g.temperature,
-            top_p=g.top_p,
-            max_tokens=g.max_tokens,
-            seed=sample_seed(cfg.run.seed, t, e["uid"]),
-        )
-        for e in train
-    ]
+    params = sampling(cfg, model_stop_ids(llm.get_tokenizer(), model), t, train)
     outs = llm.generate([TokensPrompt(prompt_token_ids=e["prompt_ids"]) for e in train], params, use_tqdm=False)
     rows = [
         {
@@ -218,32 +234,48 @@ def _generate(model: str, pairs: str, t: int) -> None:
         }
         for e, o in zip(train, outs, strict=True)
     ]
-    pq.write_table(pa.Table.from_pylist(rows), pairs)
+    pq.write_table(pa.Table.from_pylist(rows), Path(out) / f"iter_{t}" / "pairs.parquet")
 
 
-def _train(out: str, t: int, model_dir: str) -> None:
+def sampling(cfg: Any, stops: list[int], t: int, rows: list[dict]) -> list:
+    """vLLM SamplingParams as the job's engines make them: per-row seeds, the model's stop tokens."""
+    from vllm import SamplingParams
+
+    from spin_ray.loop.generate import sample_seed
+
+    g = cfg.generation
+    return [
+        SamplingParams(
+            temperature=g.temperature,
+            top_p=g.top_p,
+            max_tokens=g.max_tokens,
+            stop_token_ids=stops,
+            seed=sample_seed(cfg.run.seed, t, e["uid"]),
+        )
+        for e in rows
+    ]
+
+
+def _train(t: int, out: str, config: str, *overrides: str) -> None:
     import torch
 
+    cfg = _official_config(Path(out), config, list(overrides))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, int(cfg.train.num_cpus)))
     torch.distributed.init_process_group("gloo")
     from spin_ray.pairs import pair_stream
     from spin_ray.trainer.worker import SpinWorker
 
-    cfg = _official_config(Path(out))
     previous = str(Path(out) / f"iter_{t - 1}" / "model") if t > 1 else None
-    from spin_ray.toy import toy_world
-
-    start_model = previous or str(toy_world(0).model_dir)
-    worker = SpinWorker(cfg, start_model, t - 1)
+    worker = SpinWorker(cfg, previous or str(builtin_model(cfg)), t - 1)
     # The job's pair stream over iterations t-1 and t (each iter_<i> dir holds its pairs.parquet).
-    dirs = [Path(out) / f"iter_{i}" for i in range(max(1, t - 1), t + 1)]
+    dirs = [Path(out) / f"iter_{i}" for i in range(max(1, t - cfg.spin.mix_previous), t + 1)]
     stream = pair_stream(dirs, None, cfg.run.seed + t, cfg.spin.shuffle_window, cfg.train.batch_size)
     n, rank = worker.world_size, worker.rank
     mine = [step[rank].to_pydict() for step in stream.steps(n)]
     worker.fed_batches = lambda count: iter(mine)  # this rank's batches, without the job's channel
     worker.train(t, stream.total // n)
-    worker.export(t, model_dir, pack_weights=False)
+    worker.export(t, str(Path(out) / f"iter_{t}" / "model"), pack_weights=False)
     torch.distributed.destroy_process_group()
 
 
@@ -275,14 +307,16 @@ def seeds(tmp: Path, seed_list: list[int]) -> None:
 
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "_generate":
-        return _generate(argv[1], argv[2], int(argv[3]))
+        return _generate(argv[1], int(argv[2]), *argv[3:])
     if argv and argv[0] == "_train":
-        return _train(argv[1], int(argv[2]), argv[3])
+        return _train(int(argv[1]), *argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["overlap", "curve", "startup", "seeds", "official"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 5000, 50000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--config", type=Path, default=TOY, help="official: the config both sides run")
+    parser.add_argument("overrides", nargs="*", help="official: key.sub=value for both sides")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="spin-iteration-") as tmp:
         {
@@ -290,7 +324,7 @@ def main(argv: list[str]) -> None:
             "curve": lambda: curve(Path(tmp), args.sizes),
             "startup": lambda: startup(Path(tmp)),
             "seeds": lambda: seeds(Path(tmp), args.seeds),
-            "official": lambda: print(f"official per-step workflow: {official(Path(tmp), args.rounds):.1f} s"),
+            "official": lambda: official_vs_job(Path(tmp), args.config, args.overrides),
         }[args.what]()
 
 

@@ -215,22 +215,25 @@ class PlainProcess:
 class RayTrainLoop:
     """Driver-side handle of the job's trainer (Ray Train + DeepSpeed, 1 worker) on the same pairs."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, overrides: list[str] | None = None, model_dir: Path | None = None, config=None):
+        """root/pairs.parquet and root/model, with `cpu_overrides` unless a config file or other
+        overrides are given."""
         import ray
 
+        from spin_ray.cluster import workers_not_niced
         from spin_ray.config import load_config
         from spin_ray.pairs import pair_stream
         from spin_ray.trainer.supervisor import Trainer
 
+        workers_not_niced()  # as jobs/spin.py starts its local Ray
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         stored = root / "pairs"  # the pairs as an iteration's parquet part, streamed as the job does
         stored.mkdir(exist_ok=True)
         pq.write_table(pq.read_table(root / "pairs.parquet"), stored / "part-000000.parquet")
-        self.pairs = pair_stream(
-            [stored], None, 0, 256, load_config(None, cpu_overrides(root / "ray")).train.batch_size
-        )
+        cfg = load_config(config, overrides or cpu_overrides(root / "ray"))
+        self.pairs = pair_stream([stored], None, 0, 256, cfg.train.batch_size)
         start = time.perf_counter()
-        self.trainer = Trainer(load_config(None, cpu_overrides(root / "ray")), str(root / "model"))
+        self.trainer = Trainer(cfg, str(model_dir or root / "model"))
         self.trainer.wait_ready()
         self.startup = time.perf_counter() - start
         self.iterations = 1  # the next iteration t: the ranks hold p_0

@@ -43,7 +43,7 @@ def init_ray(cfg: Config) -> None:
     """Joins the configured cluster, or starts a local Ray sized for the job."""
     import ray
 
-    from spin_ray.cluster import local_cpus, ray_address
+    from spin_ray.cluster import local_cpus, ray_address, workers_not_niced
     from spin_ray.logs import LOG_DIR_ENV, log_driver_to
     from spin_ray.rundir import RunDir
 
@@ -64,6 +64,7 @@ def init_ray(cfg: Config) -> None:
     # Ray warns when more worker processes start than the machine has cores; this job starts
     # one per actor by design, so the warning would be noise on a small machine.
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
+    workers_not_niced()
     # Every process of a local Ray inherits this one's environment: the keys stay out of it
     # (the coordinator alone gets the W&B key, spin_ray.driver.job; the serving key never leaves).
     keys = {k: os.environ.pop(k) for k in ("WANDB_API_KEY", cfg.serve.api_key_env) if k in os.environ}

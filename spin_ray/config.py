@@ -53,16 +53,12 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for y'.")
     max_tokens: int | None = Field(None, gt=0, description="Most new tokens of y'; null: data.max_response_tokens.")
     num_engines: int = Field(1, gt=0, description="Long-lived vLLM engine actors.")
-    tensor_parallel_size: int = Field(
-        1, gt=0, description="Tensor-parallel ranks per engine: GPUs, or on CPU worker processes."
+    tensor_parallel_size: int = Field(1, gt=0, description="Tensor-parallel ranks per engine: GPUs, or CPU processes.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per tensor-parallel rank (an engine asks TP x this); 0 = CPU.")
+    num_cpus: float = Field(
+        0.5, gt=0, description="Logical CPUs per engine actor (on CPU: per tensor-parallel rank; its threads, >= 1)."
     )
-    num_gpus: float = Field(
-        0, ge=0, description="GPUs per tensor-parallel rank (an engine asks for TP x this); 0 = CPU."
-    )
-    num_cpus: float = Field(0.5, gt=0, description="Logical CPUs per engine actor (on CPU: per tensor-parallel rank).")
-    resource: str | None = Field(
-        None, description="Custom Ray resource each engine asks 1 of, to land on generation nodes."
-    )
+    resource: str | None = Field(None, description="Custom Ray resource each engine asks 1 of (generation nodes).")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per engine process (TP rank) in GiB (CPU).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM GPU memory share.")
     max_model_len: int | None = Field(None, gt=0, description="vLLM's context, the data's bound (null: what it needs).")
@@ -72,9 +68,7 @@ class GenerationConfig(Section):
     )
     max_in_flight: int = Field(2, gt=0, description="Requests in flight per engine.")
     start_timeout_s: float = Field(900, gt=0, description="Fail if engines are not up by then (resources).")
-    health_timeout_s: float = Field(
-        60, gt=0, description="An engine that does not answer a health ping this long is replaced."
-    )
+    health_timeout_s: float = Field(60, gt=0, description="An engine silent to a health ping this long is replaced.")
     max_restarts: int = Field(8, ge=0, description="Engine replacements allowed per job, all engines together.")
     batch_timeout_s: float = Field(
         1800, gt=0, description="A batch (with its wait in the engine's queue) not done by then: engine replaced."
@@ -168,6 +162,10 @@ class EvalConfig(Section):
         "their dict is logged under eval/<function>/.",
     )
     lm_eval: LmEvalConfig | None = Field(None, description="lm-eval tasks run on p_0 and each p_t by the engines.")
+    beside: bool = Field(
+        True,
+        description="Evaluate p_t beside iteration t+1 (false: before it, where engines and trainer share CPU cores).",
+    )
 
 
 class SyncConfig(Section):

@@ -1,6 +1,6 @@
 """Every benchmark script still runs, at its smallest size: an API change breaks this test, not the
 next user's benchmark. Nothing is timed here; the scripts print their own ratios. These runs take
-15 minutes on 2 cores, so they are a tier of their own (`pytest -m bench`), outside the default run."""
+25 minutes on 2 cores, so they are a tier of their own (`pytest -m bench`), outside the default run."""
 
 import os
 import subprocess
@@ -27,7 +27,17 @@ SMALLEST = {
     "weight_sync": ["--sizes", "10"],
     "serving": ["--rounds", "2", "--requests", "4", "--concurrency", "1", "--new-tokens", "4"],
     "iteration-curve": ["curve", "--sizes", "64"],
-    "iteration-official": ["official", "--rounds", "1"],
+    "iteration-official": ["official", "spin.iterations=1"],
+    "iteration-official-smollm2": [
+        "official",
+        "--config",
+        "configs/smollm2.yaml",
+        "spin.iterations=1",
+        "data.max_examples=8",
+    ],
+    "real_model-generation": ["generation", "--prompts", "8", "--rounds", "1"],
+    "real_model-training": ["training", "--pairs", "8", "--rounds", "1"],
+    "real_model-job": ["job", "spin.iterations=1", "data.max_examples=8"],
     "soak": ["--iterations", "2"],
     "lora": ["--layers", "1", "--pairs", "8", "--tokens", "16", "--swaps", "1", "--toy-iterations", "1"],
 }

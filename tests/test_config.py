@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spin_ray.config import Config, ConfigError, load_config, reference_markdown
+from spin_ray.config import Config, ConfigError, GenerationConfig, load_config, reference_markdown
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -106,3 +106,16 @@ def test_jobs_default_config_follows_model_path():
     assert job.default_config([]).name == "toy.yaml"
     assert job.default_config(["train.lr=1e-3", "model.path=smollm2"]).name == "smollm2.yaml"
     assert job.default_config(["model.path=smollm2", "model.path=/models/zephyr"]) is None
+
+
+def test_a_cpu_engine_gets_a_thread_per_cpu_it_asks_for():
+    """OMP threads follow generation.num_cpus (at least one), so that an engine alone on a machine
+    (configs/smollm2.yaml: phases one at a time) uses every core, and engines beside training use
+    only their share."""
+    from spin_ray.engines.engine import engine_env
+
+    threads = {cpus: engine_env(GenerationConfig(num_cpus=cpus))["OMP_NUM_THREADS"] for cpus in (0.5, 1, 2, 2.5)}
+    assert threads == {0.5: "1", 1: "1", 2: "2", 2.5: "2"}
+    assert "OMP_NUM_THREADS" not in engine_env(GenerationConfig(num_gpus=1))
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "smollm2.yaml")
+    assert (cfg.generation.num_cpus, cfg.train.num_cpus, cfg.spin.stream, cfg.eval.beside) == (2, 2, False, False)

@@ -159,6 +159,9 @@ def test_each_swap_serves_the_exported_weights_on_both_sync_paths(real_run):
     assert not torch.equal(before["model.norm.weight"], after["model.norm.weight"])
     # The resumed submission started at iteration 2: it evaluated p_1, trained p_2, nothing before.
     assert [[row["iteration"] for row in s["history"]] for s in summaries] == [[0, 1], [1, 2]]
+    # configs/smollm2.yaml runs the phases one at a time (eval.beside=false): each submission
+    # evaluated its start model before the engines made a pair.
+    assert all(s["startup_s"]["start_evaluated"] < s["startup_s"]["first_pair"] for s in summaries)
 
 
 def test_live_endpoint_and_lm_eval_run_on_the_real_model(real_run):

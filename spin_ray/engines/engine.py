@@ -223,11 +223,12 @@ def engine_env(cfg: GenerationConfig) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if cfg.num_gpus == 0:
         # TP 1: an in-process engine, half the memory and start-up of multiprocess mode on CPU.
-        # One OMP thread per process, since more threads than cores ran 10-20x slower.
+        # As many OMP threads as the engine has CPUs: more threads than the cores left free ran
+        # 10-20x slower (an OMP barrier waits for a thread the OS has parked).
         multiprocess = "1" if cfg.tensor_parallel_size > 1 else "0"
         env |= {
             "VLLM_ENABLE_V1_MULTIPROCESSING": multiprocess,
-            "OMP_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": str(max(1, int(cfg.num_cpus))),
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         }
         # Inductor's vector-ISA probe compiles and loads a test program from the current directory;

@@ -129,8 +129,13 @@ class Coordinator:
         return self._summary(history, engines, trainer)
 
     def beside(self, fn: Callable[..., dict[str, Any]], *args: Any) -> Future:
-        """Runs `fn` (an evaluation) beside the next iteration's generation and training."""
-        return self._beside.submit(fn, *args)
+        """Runs `fn` (an evaluation) beside the next iteration's generation and training, or now
+        (eval.beside false: where engines and trainer share CPU cores, each phase runs faster alone)."""
+        if self.cfg.eval.beside:
+            return self._beside.submit(fn, *args)
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
 
     def progress_since(self, cursor: int) -> list[dict[str, Any]]:
         """What the driver's console has not drawn yet (called while `run` works)."""
@@ -285,8 +290,9 @@ class Coordinator:
         return step
 
     def _start_row(self, t: int, evaluate: Evaluator, model_dir: str, step: int) -> dict[str, Any]:
-        # The engines take work in order: the first pairs (which training waits for) go first.
-        self.generating.wait()
+        # The engines take work in order: beside training, the first pairs (which it waits for) go first.
+        if self.cfg.eval.beside:
+            self.generating.wait()
         row = {"iteration": t} | ({"global_step": step} if t else {}) | evaluate(t, model_dir)
         self.marks["start_evaluated"] = time.time()
         # A resumed run logged p_t's row beside iteration t + 1, unless it stopped first: DONE(t) comes before.
