@@ -247,7 +247,9 @@ def job(tmp: Path, args: argparse.Namespace) -> None:
 def plain_job(out: Path, overrides: list[str]) -> None:
     """The SPIN iterations of the config in one process, as a user would without spin-ray: vllm.LLM
     generates y' (with the adapter of p_{t-1} as a LoRARequest), then the plain loop trains p_t on
-    the pairs of t and t - 1 and saves its adapter."""
+    the pairs of t and t - 1 and saves its adapter. Its reference is the base model in every
+    iteration (the adapter off), not p_{t-1}: the same compute per step, so the timing holds, but
+    these are not SPIN's weights after iteration 1."""
     from iteration import sampling
     from vllm import LLM, TokensPrompt
     from vllm.lora.request import LoRARequest
